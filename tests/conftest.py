@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny offline models (built once per session) and their inputs."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+from tokenzip.testing.tiny import TinyVLM, dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
+ATTENTION = ("sdpa", "eager")
+
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+@functools.cache
+def get_tiny(family: str, attn: str = "sdpa") -> TinyVLM:
+    """One tiny model per (family, attention backend); identical weights across backends (same seed)."""
+    return tiny(family, attn=attn)
+
+
+def _samples(vlm: TinyVLM) -> tuple[list, list[str]]:
+    """Two images (different sizes where the family allows) and two different prompts."""
+    if vlm.family == "qwen2_5_vl":
+        images = [dummy_image(112, 112, 0), dummy_image(224, 168, 1)]
+    elif vlm.family == "llava_onevision":
+        images = [dummy_image(112, 100, 0), dummy_image(100, 60, 1)]
+    else:
+        images = [dummy_image(112, 112, 0), dummy_image(112, 112, 1)]
+    return images, [vlm.prompt("What is in the image ?"), vlm.prompt("Describe this image")]
+
+
+def image_inputs(vlm: TinyVLM, batch: int) -> dict:
+    """`batch` (1 or 2) samples with different images and prompts, left-padded."""
+    images, prompts = _samples(vlm)
+    if batch == 1:
+        return vlm.inputs(images[:1], prompts[0])
+    return vlm.inputs(images[:batch], prompts[:batch])
+
+
+def single_inputs(vlm: TinyVLM, index: int) -> dict:
+    """Sample `index` of `image_inputs(vlm, 2)` on its own (batch 1, no padding)."""
+    images, prompts = _samples(vlm)
+    return vlm.inputs(images[index : index + 1], prompts[index])
+
+
+def video_inputs(vlm: TinyVLM) -> dict:
+    if vlm.family == "llava_onevision":
+        return ov_video_inputs(vlm, frames=4)
+    if vlm.family == "qwen2_5_vl":
+        return qwen_video_inputs(vlm, frames=4, side=112)
+    raise ValueError(f"{vlm.family} has no video inputs")
+
+
+def multi_image_inputs(vlm: TinyVLM) -> dict:
+    """Sample 0: two images in one prompt; sample 1: one image (batch 2)."""
+    images = [[dummy_image(56, 56, 1), dummy_image(70, 50, 2)], [dummy_image(100, 60, 4)]]
+    if vlm.family == "llava":
+        images = [[dummy_image(112, 112, 1), dummy_image(112, 112, 2)], [dummy_image(112, 112, 4)]]
+    prompts = [vlm.prompt("What is in the image ?", images=2), vlm.prompt("Describe", images=1)]
+    return vlm.inputs(images, prompts)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=ATTENTION)
+def attn(request) -> str:
+    return request.param

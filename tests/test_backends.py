@@ -1,0 +1,111 @@
+"""Other ways users load models: accelerate device_map with disk offload, bfloat16, FlashAttention-2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import get_tiny, image_inputs
+
+import tokenzip
+from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.testing.tiny import tiny
+
+CASES = {
+    "random": {},
+    "pool": {},
+    "fastv": {},
+    "random-llm": {"stage": "llm"},
+    "random-decode": {"stage": "decode", "layer": 4},
+    "random-vision": {"stage": "vision", "layer": 1},
+}
+
+
+def _device_map(model, offloaded: set[str]) -> dict[str, str]:
+    mapping = {}
+    lm = model.model.language_model
+    for name, _ in model.model.named_children():
+        if name != "language_model":
+            mapping[f"model.{name}"] = "cpu"
+    for name, _ in lm.named_children():
+        if name == "layers":
+            for i in range(len(lm.layers)):
+                key = f"model.language_model.layers.{i}"
+                mapping[key] = "disk" if key in offloaded else "cpu"
+        else:
+            mapping[f"model.language_model.{name}"] = "cpu"
+    mapping["lm_head"] = "cpu"
+    return mapping
+
+
+@pytest.fixture(scope="module")
+def offloaded_llava(tmp_path_factory):
+    from transformers import LlavaForConditionalGeneration
+
+    plain = get_tiny("llava", "sdpa")
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    plain.model.save_pretrained(folder)
+    offloaded = {"model.language_model.layers.1", "model.language_model.layers.2", "model.language_model.layers.5"}
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder,
+        device_map=_device_map(plain.model, offloaded),
+        offload_folder=str(folder / "offload"),
+        attn_implementation="sdpa",
+    ).eval()
+    assert model.model.language_model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_disk_offloaded_model_gives_the_same_tokens(offloaded_llava, case):
+    plain = get_tiny("llava", "sdpa")
+    inputs = image_inputs(plain, 2)
+    policy = case.split("-")[0]
+    with tokenzip.apply(plain.model, policy, 0.25, **CASES[case]):
+        want, _ = cached_greedy(plain.model, inputs, 3)
+    with tokenzip.apply(offloaded_llava, policy, 0.25, **CASES[case]) as patch:
+        got, _ = cached_greedy(offloaded_llava, inputs, 3)
+        sample = patch.stats.last.samples[0]
+        assert sample.visual_mean < 64 or sample.cache_per_layer != sample.sequence_per_layer
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("case", ["random", "pool", "fastv", "random-llm"])
+def test_bfloat16_generation_is_consistent(family, case):
+    vlm = tiny(family, dtype=torch.bfloat16)
+    inputs = image_inputs(vlm, 2)
+    inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
+    with tokenzip.apply(vlm.model, case.split("-")[0], 0.25, **CASES[case]) as patch:
+        tokens, logits = cached_greedy(vlm.model, inputs, 3)
+        with patch.replay():
+            reference = uncached_logits(vlm.model, inputs, tokens)
+    assert vlm.model.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference.float(), atol=5e-2, rtol=5e-2)
+    assert torch.equal(greedy_tokens(vlm.model, reference)[:, 0], tokens[:, 0])
+
+
+def _flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.skipif(
+    not _flash_available(),
+    reason="flash_attention_2 needs the flash-attn package and a CUDA GPU (flash-attn cannot be built on CPU-only "
+    "machines); tokenzip's hooks use the same code path with 2-D masks",
+)
+@pytest.mark.parametrize("case", list(CASES))
+def test_flash_attention_2_matches_sdpa(case):
+    results = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        vlm = tiny("llava", attn=attn, dtype=torch.bfloat16)
+        vlm.model.to("cuda")
+        inputs = {k: v.to("cuda") for k, v in image_inputs(vlm, 2).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with tokenzip.apply(vlm.model, case.split("-")[0], 0.25, **CASES[case]) as patch:
+            tokens, _ = cached_greedy(vlm.model, inputs, 3)
+            kept = [s.sequence_per_layer for s in patch.stats.last.samples]
+        results[attn] = (tokens.cpu(), kept)
+    assert results["sdpa"][1] == results["flash_attention_2"][1]
+    assert torch.equal(results["sdpa"][0][:, 0], results["flash_attention_2"][0][:, 0])

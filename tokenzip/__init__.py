@@ -1,0 +1,35 @@
+"""tokenzip: training-free visual-token compression for Hugging Face vision-language models.
+
+import tokenzip
+patch = tokenzip.apply(model, policy="fastv", keep=0.5)
+model.generate(**inputs)
+patch.remove()
+"""
+
+from .api import Patch, apply, current_patch
+from .errors import (
+    BudgetError,
+    PolicyOptionError,
+    TokenzipError,
+    UnknownPolicyError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+)
+from .policies import Policy, list_policies
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "Patch",
+    "Policy",
+    "PolicyOptionError",
+    "TokenzipError",
+    "UnknownPolicyError",
+    "UnsupportedInputError",
+    "UnsupportedModelError",
+    "__version__",
+    "apply",
+    "current_patch",
+    "list_policies",
+]

@@ -1,0 +1,70 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP tower with CLS, MLP projector, Llama decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..items import GridPart, ItemShape
+from .base import Adapter, interleave_structural
+
+
+class LlavaAdapter(Adapter):
+    """One image = one square grid of (image_size / patch)^2 tokens (plus CLS with the 'full' strategy)."""
+
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    supports_vision_stage = True
+    vision_has_cls = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        tower = self.base.vision_tower
+        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
+            raise UnsupportedModelError(
+                f"LLaVA with vision tower {type(tower).__name__} is not supported; tokenzip's LLaVA adapter "
+                "expects a CLIP-style tower (`vision_tower.encoder.layers`)"
+            )
+        vcfg = self.config.vision_config
+        self.grid = vcfg.image_size // vcfg.patch_size
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.base.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].self_attn
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        return {"image": int(self.config.image_token_id)}
+
+    def _strategy(self, arguments: dict[str, Any]) -> str:
+        return arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+
+    def item_shapes(self, modality: str, arguments: dict[str, Any], output: Any, check: bool = True) -> list[ItemShape]:
+        feats = output.pooler_output
+        g = self.grid
+        leading = 1 if self._strategy(arguments) == "full" else 0
+        shapes = []
+        for i, f in enumerate(feats):
+            shape = ItemShape("image", (GridPart(leading, 1, g, g),), leading=leading, vision_rows=(i, i + 1))
+            if check and f.shape[0] != shape.length:
+                raise UnsupportedModelError(
+                    f"LLaVA image {i} has {f.shape[0]} feature tokens, expected {shape.length} for a {g}x{g} grid; "
+                    "only fixed-resolution LLaVA-1.5 towers are supported"
+                )
+            shapes.append(shape)
+        return shapes
+
+    def vision_scores_to_items(
+        self, modality: str, scores: torch.Tensor, shapes: list[ItemShape], arguments: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        out = []
+        for shape in shapes:
+            row = scores[shape.vision_rows[0]]
+            out.append(interleave_structural(row[1:], shape))  # column 0 is CLS (never a grid cell)
+        return out

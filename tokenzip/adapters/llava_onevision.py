@@ -1,0 +1,137 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP tower, anyres tiles, Qwen2 decoder."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..items import GridPart, ItemShape
+from .base import Adapter, interleave_structural
+
+
+class LlavaOnevisionAdapter(Adapter):
+    """Geometry of OneVision's packed features.
+
+    * Single image (anyres): base tile grid g x g, then the high-resolution tiles assembled into one grid,
+      un-padded, bilinearly downsampled if larger than anyres_max_N allows, with one newline token after every
+      row.
+    * Image of a multi-image sample (`batch_num_images > 1`): base grid + one trailing newline.
+    * Video: F frames of ceil(g/2) x ceil(g/2) pooled tokens + one trailing newline.
+    """
+
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        if self.config.vision_feature_select_strategy != "full":
+            raise UnsupportedModelError(
+                "LLaVA-OneVision with vision_feature_select_strategy="
+                f"{self.config.vision_feature_select_strategy!r} is not supported (checkpoints use 'full')"
+            )
+        vcfg = self.config.vision_config
+        self.grid = vcfg.image_size // vcfg.patch_size
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.base.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].self_attn
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
+
+    # ------------------------------------------------------------------------------------------ images
+    def _tiles_per_image(self, arguments: dict[str, Any]) -> list[int]:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        sizes = arguments["image_sizes"]
+        batch_num_images = arguments.get("batch_num_images")
+        if batch_num_images is None:
+            tiled = [True] * len(sizes)
+        else:
+            tiled = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        return [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            if t
+            else 1
+            for size, t in zip(sizes, tiled)
+        ]
+
+    def _aspect(self, arguments: dict[str, Any]) -> str:
+        return arguments.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+
+    def _highres_grid(self, image_size, n_tiles: int, aspect: str) -> tuple[int, int]:
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        g = self.grid
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
+        rows, cols = unpad_image(torch.empty(0, tiles_h * g, tiles_w * g), image_size).shape[1:]
+        max_tiles = int(aspect.removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_tiles * g**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols
+
+    def item_shapes(self, modality: str, arguments: dict[str, Any], output: Any, check: bool = True) -> list[ItemShape]:
+        g = self.grid
+        if modality == "video":
+            pix = arguments["pixel_values_videos"]
+            batch, frames = pix.shape[0], pix.shape[1]
+            side = math.ceil(g / 2)
+            return [
+                ItemShape(
+                    "video", (GridPart(0, frames, side, side),), trailing=1, vision_rows=(b * frames, (b + 1) * frames)
+                )
+                for b in range(batch)
+            ]
+        shapes, row = [], 0
+        aspect = self._aspect(arguments)
+        for i, n_tiles in enumerate(self._tiles_per_image(arguments)):
+            size = arguments["image_sizes"][i]
+            if n_tiles > 1:
+                rows, cols = self._highres_grid(size, n_tiles, aspect)
+                parts = (GridPart(0, 1, g, g), GridPart(g * g, 1, rows, cols, newline_per_row=True))
+                shape = ItemShape("image", parts, vision_rows=(row, row + n_tiles))
+            else:
+                shape = ItemShape("image", (GridPart(0, 1, g, g),), trailing=1, vision_rows=(row, row + 1))
+            got = output.pooler_output[i].shape[0]
+            if check and got != shape.length:
+                raise UnsupportedModelError(
+                    f"LLaVA-OneVision image {i}: the model packed {got} tokens, tokenzip's geometry gives "
+                    f"{shape.length}; this transformers version packs features differently"
+                )
+            shapes.append(shape)
+            row += n_tiles
+        return shapes
+
+    def vision_scores_to_items(
+        self, modality: str, scores: torch.Tensor, shapes: list[ItemShape], arguments: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        out = []
+        for i, shape in enumerate(shapes):
+            s, e = shape.vision_rows
+            rows = scores[s:e].float().unsqueeze(-1)  # [tiles or frames, g*g, 1]
+            if modality == "video":
+                packed = self.base.apply_pooling(rows).reshape(-1)
+            else:
+                packed_list, _ = self.base.pack_image_features(
+                    [rows],
+                    torch.as_tensor(arguments["image_sizes"])[i : i + 1],
+                    image_newline=None,
+                    vision_aspect_ratio=self._aspect(arguments),
+                )
+                packed = packed_list[0].reshape(-1)
+            out.append(interleave_structural(packed, shape))
+        return out

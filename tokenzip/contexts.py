@@ -1,0 +1,166 @@
+"""What a policy sees at each stage, and what it returns.
+
+Policies never touch modules, hooks or caches: the engine builds these contexts (tensors plus lazily
+computed attention signals) and applies the `Selection`s a policy returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters.base import ModelInfo
+from .budget import Keep, item_budget
+from .engine.layout import Layout
+from .items import ItemsOfBatch, VisualItem
+
+
+@dataclass
+class Selection:
+    """Tokens a policy keeps out of a candidate set.
+
+    keep:    LongTensor [n] indices into the candidates (item-local token indices for `pre_llm`, slot indices
+             of the current layout for `llm`). With `ordered=False` the engine sorts them (sequence order).
+    values:  optional [n, D] replacement values for the kept tokens (merges: a kept token stands for a group
+             and carries its merged value; it keeps its own position).
+    """
+
+    keep: torch.Tensor
+    values: torch.Tensor | None = None
+    ordered: bool = False
+
+
+@dataclass(frozen=True)
+class VisionSignal:
+    """A per-token score from vision layer `layer`: 'received' (mean attention received over heads and
+    queries) or 'cls' (the CLS query's attention row; CLIP only)."""
+
+    kind: str
+    layer: int
+
+    @property
+    def key(self) -> str:
+        return f"vision.{self.kind}@{self.layer}"
+
+
+@dataclass(frozen=True)
+class LLMSignal:
+    """A per-slot score captured at decoder layer `layer` during prefill: 'last_row' = head-mean attention of
+    each sample's last token over all slots (FastV's signal)."""
+
+    kind: str
+    layer: int
+
+    @property
+    def key(self) -> str:
+        return f"llm.{self.kind}@{self.layer}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which stages a policy uses on one model, and which signals it needs.
+
+    vision_layer: prune inside the vision tower before this encoder layer (families with
+                  `supports_vision_stage`); pre_llm: select at the LLM input; llm_layers: select before these
+                  decoder layers during prefill; decode: edit the KV cache once after prefill.
+    """
+
+    vision_layer: int | None = None
+    pre_llm: bool = False
+    llm_layers: tuple[int, ...] = ()
+    decode: bool = False
+    vision_signals: tuple[VisionSignal, ...] = ()
+    llm_signals: tuple[LLMSignal, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return self.vision_layer is None and not self.pre_llm and not self.llm_layers and not self.decode
+
+
+@dataclass
+class VisionStageContext:
+    """Input of a vision-tower stage: the hidden states entering encoder layer `layer`.
+
+    hidden_states: [R, T, D] (one row per image; CLS at index 0 when `has_cls`).
+    row_keys:      one int per row derived from the row's pixels (stable across batch compositions), for
+                   seeding per-image randomness.
+    """
+
+    layer: int
+    hidden_states: torch.Tensor
+    has_cls: bool
+    keep: Keep
+    row_keys: list[int]
+
+    @property
+    def n_patches(self) -> int:
+        return self.hidden_states.shape[1] - int(self.has_cls)
+
+
+@dataclass
+class PreLLMItem:
+    """One image / video at the LLM input.
+
+    embeds:    [length, D] the item's token embeddings (projector outputs, newline embeddings).
+    available: LongTensor [n] item-local indices that reached the LLM input (all tokens unless a vision stage
+               pruned some).
+    signals:   name -> float [length] vision scores mapped to the item's tokens (NaN at structural tokens).
+    """
+
+    item: VisualItem
+    embeds: torch.Tensor
+    available: torch.Tensor
+    keep: Keep
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def content_available(self) -> torch.Tensor:
+        """Item-local indices of available content (grid) tokens."""
+        mask = self.item.shape.content_mask().to(self.available.device)
+        return self.available[mask[self.available]]
+
+    @property
+    def budget(self) -> int:
+        """Content tokens to keep under `keep` (counted on the item's full grid, capped by what is available)."""
+        return min(item_budget(self.keep, self.item.shape.n_content), int(self.content_available.numel()))
+
+
+@dataclass
+class LLMStageContext:
+    """Input of an in-LLM stage: the hidden states entering decoder layer `layer` during prefill.
+
+    `attention_received(query_mask [B, L])` recomputes, from this layer's own q/k, the mean attention each
+    slot receives from the selected queries ([B, L]). `signals` holds captured LLM signals by key.
+    `sample_keys`: one int per sample derived from its prompt tokens (stable across batch compositions).
+    """
+
+    layer: int
+    info: ModelInfo
+    hidden_states: torch.Tensor
+    layout: Layout
+    items: ItemsOfBatch
+    keep: Keep
+    signals: dict[str, torch.Tensor]
+    attention_received: Callable[[torch.Tensor], torch.Tensor]
+    sample_keys: list[int] = field(default_factory=list)
+
+    def item_targets(self) -> list[int]:
+        """Per sample: the layer-averaged visual budget, the sum of `item_budget` over its items."""
+        return [sum(item_budget(self.keep, it.shape.n_content) for it in items) for items in self.items.per_sample]
+
+    def item_totals(self) -> list[int]:
+        """Per sample: visual content tokens entering the LLM."""
+        return [sum(it.shape.n_content for it in items) for items in self.items.per_sample]
+
+
+@dataclass
+class DecodeContext:
+    """State after prefill: the layout each decoder layer's KV cache holds."""
+
+    info: ModelInfo
+    layer_layouts: list[Layout]
+    items: ItemsOfBatch
+    keep: Keep
+    sample_keys: list[int] = field(default_factory=list)

@@ -1,0 +1,812 @@
+"""The hook runtime: installs tokenzip on one model instance and drives a policy's stages.
+
+Hooks (all on this instance; nothing class-level or global):
+
+* a forward pre-/post-hook on the model: detects prefill vs decode, captures `input_ids`, finalises stats
+  and applies decode-stage KV-cache edits after prefill;
+* instance-attribute wrappers around the base model's `get_image_features` / `get_video_features`: these
+  run (inside `generate`, before the first forward) for every image/video, so they see the geometry
+  (image sizes, grids, frames) and the vision signals captured meanwhile;
+* pre-hooks on vision attention modules (signals) and encoder layers (vision stage);
+* a pre-hook on the decoder stack: rebuilds the LLM input (pre-LLM stage) and, in decode, keeps the 2-D mask
+  and positions consistent with the rebuilt prefill;
+* pre-hooks on decoder layers: in-LLM stages and per-layer masks / positions during decode;
+* forward hooks on decoder attention modules for LLM signals (e.g. FastV's last-token row).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..adapters.base import SUPPORTED_ATTENTION, Adapter
+from ..budget import Keep, is_passthrough
+from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selection, VisionStageContext
+from ..errors import TokenzipError, UnsupportedInputError, UnsupportedModelError
+from ..items import ItemsOfBatch, locate_items
+from ..ops.gather import gather_seq
+from ..signals.attention import (
+    decoder_attention_received,
+    decoder_attention_rows,
+    encoder_attention_received,
+    encoder_attention_rows,
+    qwen_vision_attention_received,
+)
+from .compose import compose_prompt, compose_slots
+from .layout import Layout, compact_positions, gather_hidden, take
+from .masks import decode_mask, prefill_mask
+from .state import (
+    CallCapture,
+    Decisions,
+    ForwardRecord,
+    ForwardState,
+    ItemRecord,
+    PatchStats,
+    SampleRecord,
+    VisionCall,
+    VisionStageState,
+)
+from .vision import encoder_padding_mask, expand_features, pad_rows, scatter_signal
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pixel_key(pixels: torch.Tensor) -> int:
+    """A stable per-image integer from its pixel values (independent of batch composition)."""
+    import zlib
+
+    data = pixels.detach().float().cpu().contiguous().numpy().tobytes()
+    return zlib.crc32(data)
+
+
+class Runtime:
+    """tokenzip's hooks on one model instance for one policy."""
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, policy, keep: Keep, positions: str) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.policy = policy
+        self.keep = keep
+        self.positions = positions
+        self.info = adapter.info()
+        self.stats = PatchStats()
+        self.handles: list[Any] = []
+        self.wrapped: list[tuple[Any, str]] = []
+        self.state: ForwardState | None = None
+        self.pending: dict[str, list[VisionCall]] = {m: [] for m in adapter.token_ids}
+        self._call: CallCapture | None = None
+        self.decisions: Decisions | None = None  # the last prefill's selections
+        self.replaying: Decisions | None = None  # set by Patch.replay()
+        self.plan = self._make_plan()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _make_plan(self) -> Plan:
+        if is_passthrough(self.keep):
+            return Plan()
+        plan = self.policy.plan(self.info, self.keep)
+        n_llm, n_vis = self.info.n_llm_layers, self.info.n_vision_layers
+        if (plan.llm_layers or plan.decode) and self.info.attn_implementation not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attn_implementation={self.info.attn_implementation!r} is not supported by in-LLM stages; "
+                f"load the model with one of {list(SUPPORTED_ATTENTION)}"
+            )
+        for layer in plan.llm_layers:
+            if not 0 < layer < n_llm:
+                raise TokenzipError(f"{self.policy.name}: LLM stage layer {layer} is outside 1..{n_llm - 1}")
+        for sig in plan.llm_signals:
+            if not 0 <= sig.layer < n_llm:
+                raise TokenzipError(f"{self.policy.name}: LLM signal layer {sig.layer} is outside 0..{n_llm - 1}")
+        if plan.vision_layer is not None:
+            if not self.info.supports_vision_stage:
+                raise UnsupportedModelError(
+                    f"{self.policy.name}: a vision-tower stage is not supported on {self.info.family} "
+                    "(its features are windowed/merged or resampled after the tower); use a pre_llm stage"
+                )
+            feature_layer = self.info.vision_feature_layer
+            if not 0 <= plan.vision_layer <= (feature_layer if feature_layer is not None else n_vis - 1):
+                raise TokenzipError(
+                    f"{self.policy.name}: vision stage layer {plan.vision_layer} must lie in 0..{feature_layer} "
+                    "(at or before the feature layer)"
+                )
+        for sig in plan.vision_signals:
+            if not 0 <= sig.layer < n_vis:
+                raise TokenzipError(f"{self.policy.name}: vision signal layer {sig.layer} is outside 0..{n_vis - 1}")
+            if sig.kind == "cls" and not self.info.vision_has_cls:
+                raise UnsupportedModelError(f"{self.info.family}'s vision tower has no CLS token ('cls' signal)")
+            if sig.kind not in ("cls", "received"):
+                raise TokenzipError(f"unknown vision signal {sig.kind!r}")
+        return plan
+
+    def install(self) -> None:
+        model, adapter, plan = self.model, self.adapter, self.plan
+        self.handles.append(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._top_post, with_kwargs=True))
+        for modality, fname in adapter.feature_functions.items():
+            self._wrap_feature_function(modality, fname)
+        self.handles.append(adapter.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        if plan.llm_layers or plan.decode:
+            for i, layer in enumerate(adapter.lm_layers):
+                self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        for sig in plan.llm_signals:
+            attn = adapter.lm_layers[sig.layer].self_attn
+            self.handles.append(attn.register_forward_hook(self._llm_signal_hook(sig), with_kwargs=True))
+        for sig in plan.vision_signals:
+            attn = adapter.vision_attention(sig.layer)
+            self.handles.append(attn.register_forward_pre_hook(self._vision_signal_hook(sig), with_kwargs=True))
+        if plan.vision_layer is not None:
+            for i, layer in enumerate(adapter.vision_layers):
+                if i >= plan.vision_layer:
+                    self.handles.append(layer.register_forward_pre_hook(self._vision_layer_hook(i), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for owner, name in self.wrapped:
+            if name in owner.__dict__:
+                del owner.__dict__[name]
+        self.wrapped.clear()
+        self.state = None
+        self._drop_pending()
+
+    def _wrap_feature_function(self, modality: str, fname: str) -> None:
+        owner = self.adapter.base
+        original = getattr(owner, fname, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            capture = CallCapture(modality, (args, kwargs))
+            self._call = capture
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._call = None
+            self._record_call(capture, original, out)
+            return out
+
+        owner.__dict__[fname] = wrapper
+        self.wrapped.append((owner, fname))
+
+    # ------------------------------------------------------------------------------------------ vision side
+    def _record_call(self, capture: CallCapture, original, out) -> None:
+        args, kwargs = capture.arguments
+        arguments = Adapter.bind(original, args, kwargs)
+        stage = capture.stage
+        shapes = self.adapter.item_shapes(capture.modality, arguments, out, check=stage is None)
+        call = VisionCall(
+            capture.modality, arguments, shapes, capture.signals, seconds=capture.seconds, kept_rows=capture.kept_rows
+        )
+        if stage is not None:
+            dropped = 1 if getattr(self.model.config, "vision_feature_select_strategy", "full") == "default" else 0
+            full, available = expand_features(list(out.pooler_output), stage.slots, stage.valid, shapes, dropped)
+            out.pooler_output = type(out.pooler_output)(full) if isinstance(out.pooler_output, tuple) else full
+            call.available = available
+        self.pending[capture.modality].append(call)
+
+    def _vision_signal_hook(self, sig):
+        kind = self.adapter.vision_kind
+
+        def hook(module, args, kwargs):
+            capture = self._call
+            if capture is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                if kind == "qwen":
+                    cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+                    scores = qwen_vision_attention_received(module, hidden, cu, kwargs["position_embeddings"])
+                else:
+                    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+                    if sig.kind == "cls":
+                        scores = encoder_attention_rows(module, hidden, slice(0, 1), mask)[:, 0]
+                    else:
+                        scores = encoder_attention_received(module, hidden, mask)
+                    if capture.stage is not None:
+                        scores = scatter_signal(
+                            scores, capture.stage.slots, capture.stage.valid, capture.stage.full_length
+                        )
+            capture.signals[sig.key] = scores
+            return None
+
+        return hook
+
+    def _vision_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            capture = self._call
+            if capture is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == self.plan.vision_layer:
+                _sync(hidden.device)
+                start = time.perf_counter()
+                pixels = capture.arguments[1].get(
+                    "pixel_values", capture.arguments[0][0] if capture.arguments[0] else None
+                )
+                keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
+                has_cls = self.info.vision_has_cls
+                ctx = VisionStageContext(index, hidden, has_cls, self.keep, keys)
+                if self.replaying is not None:
+                    kept = self._replayed_vision(capture.modality, hidden.shape[0])
+                else:
+                    with torch.no_grad():
+                        kept = self.policy.select_vision(ctx)
+                capture.kept_rows = [k.detach().cpu() for k in kept]
+                offset = int(has_cls)
+                rows = []
+                for k in kept:
+                    k = torch.sort(k.to(hidden.device).long()).values + offset
+                    rows.append(
+                        torch.cat([torch.zeros(1, dtype=torch.long, device=hidden.device), k]) if has_cls else k
+                    )
+                hidden, slots, valid = pad_rows(hidden, rows)
+                mask = encoder_padding_mask(valid, self.info.attn_implementation, hidden.dtype)
+                capture.stage = VisionStageState(
+                    slots, valid, mask, full_length=args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
+                )
+                _sync(hidden.device)
+                capture.seconds += time.perf_counter() - start
+            stage = capture.stage
+            if stage is None:
+                return None
+            if args:
+                args = (hidden, stage.mask, *args[2:])
+            else:
+                kwargs["hidden_states"] = hidden
+                kwargs["attention_mask"] = stage.mask
+            return args, kwargs
+
+        return hook
+
+    def _replayed_vision(self, modality: str, rows: int) -> list[torch.Tensor]:
+        calls = self.replaying.vision.get(modality, [])
+        index = len(self.pending[modality])
+        if index >= len(calls) or len(calls[index]) != rows:
+            raise UnsupportedInputError("replay: this prefill's images differ from the recorded prefill's")
+        return calls[index]
+
+    # ------------------------------------------------------------------------------------------ top level
+    def _top_pre(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        prefill = cache is None or cache.get_seq_length() == 0
+        if not self.plan.is_empty and cache is not None and not isinstance(cache, DynamicCache):
+            self._drop_pending()
+            raise UnsupportedInputError(
+                f"policy {self.policy.name!r} shortens the prompt (and may give layers different KV lengths), "
+                f"which a {type(cache).__name__} cannot hold; use the default DynamicCache (do not set "
+                "cache_implementation)"
+            )
+        if prefill:
+            encoded = kwargs.get("mm_encoder_outputs")
+            if encoded is None:
+                self._drop_pending()
+            else:  # generate() encoded each modality with one feature call just before this forward
+                for modality, calls in self.pending.items():
+                    del calls[: -1 if encoded.get(modality) is not None else len(calls)]
+            self.state = ForwardState(
+                input_ids=input_ids,
+                attention_mask=kwargs.get("attention_mask"),
+                user_positions=kwargs.get("position_ids") is not None,
+            )
+        elif self.state is not None and self.state.active:
+            self.state.phase = "decode"
+            self.state.user_positions = kwargs.get("position_ids") is not None
+            if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
+                self._drop_pending()
+                raise UnsupportedInputError(
+                    "new image/video tokens arrived after prefill (a continued cache); tokenzip compresses images "
+                    "only in a fresh prefill: start a new generate() without past_key_values"
+                )
+        return None
+
+    def _drop_pending(self) -> None:
+        for calls in self.pending.values():
+            calls.clear()
+
+    def _top_post(self, module, args, kwargs, output):
+        st = self.state
+        if st is None or st.phase != "prefill":
+            return None
+        processed = list(st.layer_layouts)
+        if st.active and self.plan.decode:
+            cache = getattr(output, "past_key_values", None)
+            if cache is not None:
+                self._decode_stage(cache)
+        if st.layout0 is not None:
+            self._record_stats(st, processed)
+        st.phase = "decode"
+        return None
+
+    # ------------------------------------------------------------------------------------------ LLM input
+    def _lm_pre(self, module, args, kwargs):
+        st = self.state
+        if st is None:
+            return None
+        if st.phase == "prefill":
+            out = self._prefill_lm(kwargs)
+        elif st.active and (st.rebuilt or self.plan.decode or self.plan.llm_layers):
+            out = self._decode_lm(kwargs)
+        else:
+            out = None
+        return None if out is None else (args, out)
+
+    def _flat_calls(self, calls, input_ids: torch.Tensor) -> dict[str, list[tuple[VisionCall, int]]]:
+        """Per modality, (call, item) references in the order the model scatters features.
+
+        `generate` with num_beams / num_return_sequences > 1 repeats every sample k times after the features
+        were computed (and recorded); the references are repeated to match.
+        """
+        flat = {m: [(c, j) for c in cs for j in range(len(c.shapes))] for m, cs in calls.items()}
+        for modality, entries in flat.items():
+            token = self.adapter.token_ids[modality]
+            n_placeholders = int((input_ids == token).sum())
+            total = sum(c.shapes[j].length for c, j in entries)
+            if not entries or n_placeholders == total or n_placeholders % total:
+                continue
+            k = n_placeholders // total
+            batch = input_ids.shape[0]
+            if batch % k or not all(torch.equal(input_ids[b], input_ids[b - b % k]) for b in range(batch)):
+                continue  # not generate's expansion: locate_items reports the mismatch
+            expanded, cursor = [], 0
+            for b in range(0, batch, k):
+                need, group = int((input_ids[b] == token).sum()), []
+                while need > 0 and cursor < len(entries):
+                    group.append(entries[cursor])
+                    need -= entries[cursor][0].shapes[entries[cursor][1]].length
+                    cursor += 1
+                expanded += group * k
+            flat[modality] = expanded
+        return flat
+
+    def _collect_items(self, st: ForwardState, flat) -> ItemsOfBatch:
+        shapes = {m: [c.shapes[j] for c, j in entries] for m, entries in flat.items()}
+        if st.input_ids is None:
+            if any(shapes.values()):
+                warnings.warn(
+                    "tokenzip: the model was called with inputs_embeds and no input_ids, so image tokens cannot "
+                    "be located; this forward runs uncompressed",
+                    stacklevel=3,
+                )
+            return ItemsOfBatch()
+        present = {m: bool((st.input_ids == t).any()) for m, t in self.adapter.token_ids.items()}
+        for modality, has in present.items():
+            if has and not shapes[modality]:
+                raise UnsupportedInputError(
+                    f"the prompt has {modality} tokens but tokenzip saw no {modality} features being computed "
+                    "(pre-computed mm_encoder_outputs are not supported); pass pixel values to the model"
+                )
+        used = {m: s for m, s in shapes.items() if present[m]}
+        return locate_items(st.input_ids, self.adapter.token_ids, used)
+
+    def _prefill_lm(self, kwargs):
+        st = self.state
+        embeds = kwargs["inputs_embeds"]
+        batch, length, _ = embeds.shape
+        calls = {m: list(c) for m, c in self.pending.items()}
+        for c in self.pending.values():
+            c.clear()
+        flat = self._flat_calls(calls, st.input_ids) if st.input_ids is not None else {}
+        st.items = self._collect_items(st, flat)
+        st.seconds["vision"] = sum(c.seconds for cs in calls.values() for c in cs)
+        if not st.items:
+            return None
+        st.active = True
+        device = embeds.device
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and (not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2):
+            raise UnsupportedInputError("tokenzip needs a 2-D attention_mask (or None) at the LLM input")
+        valid = mask2d.bool() if mask2d is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos_rows = torch.arange(length, device=device)[None, None].expand(1, batch, length)
+        else:
+            pos_rows = pos.unsqueeze(0) if pos.dim() == 2 else pos
+        visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        item_id = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        for it in st.items.all:
+            visual[it.sample, it.span] = it.shape.content_mask().to(device)
+            item_id[it.sample, it.span] = it.index_in_sample
+        arange = torch.arange(length, device=device).expand(batch, -1)
+        orig = Layout(arange, arange, arange, valid.to(device), visual, item_id, pos_rows)
+        st.orig_len = length
+        st.orig_last_pos = pos_rows[0, :, -1].clone()
+
+        self._new_decisions(st, batch, length, calls)
+        available = self._available(flat)
+        pruned_in_tower = any(a is not None for a in available.values())
+        if not (self.plan.pre_llm or pruned_in_tower):
+            st.layout0 = orig
+            st.item_kept = [[torch.arange(it.length) for it in items] for items in st.items.per_sample]
+            self._start_layers(st)
+            return None
+
+        _sync(device)
+        start = time.perf_counter()
+        signals = self._item_signals(flat)
+        keep_lists, overrides, item_kept = [], [], []
+        replay = self.replaying.pre_llm if self.replaying is not None else None
+        for b, items in enumerate(st.items.per_sample):
+            selections = []
+            for j, it in enumerate(items):
+                avail = available.get((it.modality, it.index_in_modality))
+                avail = torch.arange(it.length) if avail is None else avail
+                if replay is not None:
+                    sel = replay[b][j]
+                elif self.plan.pre_llm:
+                    ctx = PreLLMItem(
+                        it,
+                        embeds[b, it.span],
+                        avail,
+                        self.keep,
+                        signals.get((it.modality, it.index_in_modality), {}),
+                    )
+                    with torch.no_grad():
+                        sel = self.policy.select_pre_llm(ctx)
+                else:
+                    sel = Selection(avail)
+                selections.append(sel)
+            if self.decisions is not None and replay is None:
+                self.decisions.pre_llm = (self.decisions.pre_llm or []) + [selections]
+            kept, over = compose_prompt(valid[b], items, selections)
+            keep_lists.append(kept)
+            overrides.append(over)
+            item_kept.append(
+                [torch.sort(s.keep.cpu().long()).values if not s.ordered else s.keep.cpu().long() for s in selections]
+            )
+        layout0, index = take(orig, keep_lists)
+        if self.positions == "compact":
+            layout0.positions = compact_positions(
+                layout0, pos_rows[0, :, :].gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
+            )
+        new_embeds = gather_hidden(embeds, index, layout0.valid)
+        width = layout0.length
+        for b, over in enumerate(overrides):
+            pad = width - int(keep_lists[b].numel())
+            for offset, count, values in over:
+                new_embeds[b, pad + offset : pad + offset + count] = values.to(new_embeds.dtype)
+        _sync(device)
+        st.seconds["pre_llm"] = time.perf_counter() - start
+        st.layout0, st.rebuilt, st.item_kept = layout0, True, item_kept
+        kwargs["inputs_embeds"] = new_embeds
+        kwargs["attention_mask"] = layout0.valid.long()
+        kwargs["position_ids"] = layout0.positions[0] if (pos is None or pos.dim() == 2) else layout0.positions
+        self._start_layers(st)
+        return kwargs
+
+    def _new_decisions(self, st: ForwardState, batch: int, length: int, calls) -> None:
+        if self.replaying is not None:
+            rec = self.replaying
+            if rec.batch != batch or length < rec.prompt_len:
+                raise UnsupportedInputError(
+                    f"replay: the recorded prefill had batch {rec.batch} and prompt length {rec.prompt_len}; this "
+                    f"one has batch {batch} and length {length} (replay needs the same prompts, possibly extended)"
+                )
+            return
+        vision = {m: [c.kept_rows for c in cs if c.kept_rows is not None] for m, cs in calls.items()}
+        self.decisions = Decisions(batch=batch, prompt_len=length, vision=vision)
+
+    def _start_layers(self, st: ForwardState) -> None:
+        st.current = st.layout0
+        st.layer_layouts = [st.layout0] * self.info.n_llm_layers
+
+    @staticmethod
+    def _available(flat) -> dict[tuple[str, int], torch.Tensor | None]:
+        return {
+            (m, k): (None if call.available is None else call.available[j])
+            for m, entries in flat.items()
+            for k, (call, j) in enumerate(entries)
+        }
+
+    def _item_signals(self, flat) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+        mapped: dict[int, dict[str, list[torch.Tensor]]] = {}
+        out: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for modality, entries in flat.items():
+            for k, (call, j) in enumerate(entries):
+                if id(call) not in mapped:
+                    mapped[id(call)] = {
+                        key: self.adapter.vision_scores_to_items(modality, raw, call.shapes, call.arguments)
+                        for key, raw in call.signals.items()
+                    }
+                out[(modality, k)] = {key: vals[j] for key, vals in mapped[id(call)].items()}
+        return out
+
+    def _sample_keys(self) -> list[int]:
+        """One stable int per sample: a checksum of its real prompt tokens."""
+        import zlib
+
+        st = self.state
+        ids = st.input_ids.detach().cpu()
+        valid = st.layout0 is not None
+        keys = []
+        for b in range(ids.shape[0]):
+            row = ids[b]
+            if st.attention_mask is not None and isinstance(st.attention_mask, torch.Tensor):
+                row = row[st.attention_mask[b].bool().cpu()]
+            keys.append(zlib.crc32(row.numpy().tobytes()) if valid else b)
+        return keys
+
+    def _shift(self, layout: Layout) -> torch.Tensor:
+        """Per sample: original-frame next position minus this layout's next position (0 unless compact)."""
+        return self.state.orig_last_pos - layout.positions[0, :, -1]
+
+    def _decode_lm(self, kwargs):
+        st = self.state
+        embeds = kwargs["inputs_embeds"]
+        batch, q = embeds.shape[0], embeds.shape[1]
+        t = st.decoded
+        st.decoded += q
+        st.step += 1
+        st.step_cache = {}
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            tail = torch.ones(batch, t + q, dtype=torch.bool, device=embeds.device)
+            new_mask = None if bool(st.layout0.valid.all()) else torch.cat([st.layout0.valid.long(), tail.long()], 1)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] != st.orig_len + t + q:
+                raise UnsupportedInputError(
+                    f"decode attention_mask has {mask.shape[1]} columns; expected prompt length {st.orig_len} + "
+                    f"{t + q} new tokens (extend the prompt's 2-D mask by one column per generated token)"
+                )
+            tail = mask[:, st.orig_len :].bool()
+            new_mask = torch.cat([st.layout0.valid.long(), mask[:, st.orig_len :].long()], 1)
+        else:
+            raise UnsupportedInputError("tokenzip needs a 2-D attention_mask (or None) during decoding")
+        st.tail = tail
+        pos = kwargs.get("position_ids")
+        rows = st.layout0.positions.shape[0]
+        steps = torch.arange(t, t + q, device=embeds.device)
+        if not st.user_positions or pos is None:
+            base = self.state.orig_last_pos.to(embeds.device)[:, None] + 1 + steps[None]  # [B, q] original frame
+            if rows == 1:
+                lm_pos = base.unsqueeze(0)
+            else:
+                last = st.layout0.positions[..., -1]  # M-RoPE rows: continue each row from the last prompt token
+                lm_pos = last[..., None] + 1 + steps[None, None]
+        else:
+            lm_pos = pos.unsqueeze(0) if pos.dim() == 2 else pos
+        st.lm_positions = lm_pos
+        shift = self._shift(st.layout0).to(embeds.device)
+        new_pos = lm_pos - shift[None, :, None] if rows == 1 else lm_pos
+        if not (st.rebuilt or self.plan.decode):
+            return None  # the LLM input is the original sequence: its own mask and positions are right
+        if st.rebuilt:
+            kwargs["attention_mask"] = new_mask
+        kwargs["position_ids"] = new_pos[0] if rows == 1 else new_pos
+        return kwargs
+
+    # ------------------------------------------------------------------------------------------ decoder layers
+    def _stage_kwargs(self, layout: Layout, kwargs, hidden: torch.Tensor) -> dict:
+        """position_embeddings / position_ids / mask for layers running on `layout` in prefill (cached)."""
+        if "prefill" in layout.cache:
+            return layout.cache["prefill"]
+        cos, sin = kwargs["position_embeddings"]
+        if self.positions == "compact":
+            pos = layout.positions[0]
+            cos, sin = self.adapter.rotary_emb(hidden, pos)
+            pos_ids = pos if kwargs.get("position_ids") is not None else None
+        else:
+            cos, sin = gather_seq(cos, layout.lm_src), gather_seq(sin, layout.lm_src)
+            pid = kwargs.get("position_ids")
+            pos_ids = gather_seq(pid, layout.lm_src) if pid is not None else None
+        out = {
+            "position_embeddings": (cos, sin),
+            "position_ids": pos_ids,
+            "attention_mask": prefill_mask(layout.valid, self.info.attn_implementation, hidden.dtype),
+        }
+        layout.cache["prefill"] = out
+        return out
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            st = self.state
+            if st is None or not st.active or st.layout0 is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if st.phase == "prefill":
+                if index in self.plan.llm_layers:
+                    hidden = self._llm_stage(index, module, hidden, kwargs)
+                layout = st.current
+                st.layer_layouts[index] = layout
+                evict = self.replaying is not None and index in self.replaying.decode
+                if layout is st.layout0 and not evict:
+                    return None
+                if layout is not st.layout0:
+                    kwargs.update(self._stage_kwargs(layout, kwargs, hidden))
+                if evict:
+                    kwargs["attention_mask"] = self._eviction_mask(layout, index, hidden.dtype)
+            else:
+                layout = st.layer_layouts[index]
+                if layout is st.layout0:
+                    return None
+                kwargs.update(self._decode_kwargs(layout, hidden))
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _eviction_mask(self, layout: Layout, index: int, dtype: torch.dtype):
+        """Replay of a decode-stage KV edit in a cache-free prefill: tokens after the recorded prompt (the
+        generated ones) cannot see the visual tokens that the edit evicted from layer `index`'s cache."""
+        key = ("evict", index)
+        if key in layout.cache:
+            return layout.cache[key]
+        rec = self.replaying
+        evicted = layout.valid & layout.visual
+        for b, kept in enumerate(rec.decode[index]):
+            evicted[b] &= ~torch.isin(layout.orig[b], kept.to(layout.orig.device))
+        late = layout.orig >= rec.prompt_len  # [B, L] queries generated after the recorded prompt
+        n = layout.length
+        keep = torch.ones(n, n, dtype=torch.bool, device=layout.valid.device).tril()[None] & layout.valid[:, None, :]
+        keep &= ~(late[:, :, None] & evicted[:, None, :])
+        keep |= torch.eye(n, dtype=torch.bool, device=keep.device)[None] & ~layout.valid[:, :, None]
+        impl = self.info.attn_implementation
+        if impl.startswith("flash"):
+            raise UnsupportedInputError("replaying a decode-stage edit needs a 4-D mask: use sdpa or eager")
+        mask = keep.unsqueeze(1)
+        if impl == "eager":
+            mask = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)
+        layout.cache[key] = mask
+        return mask
+
+    def _decode_kwargs(self, layout: Layout, hidden: torch.Tensor) -> dict:
+        st = self.state
+        key = id(layout)
+        if key in st.step_cache:
+            return st.step_cache[key]
+        q = hidden.shape[1]
+        out: dict[str, Any] = {
+            "attention_mask": decode_mask(
+                layout.valid, st.tail.to(layout.valid.device), q, self.info.attn_implementation, hidden.dtype
+            )
+        }
+        if self.positions == "compact":
+            shift = self._shift(layout).to(hidden.device)
+            pos = st.lm_positions[0] - shift[:, None]
+            out["position_embeddings"] = self.adapter.rotary_emb(hidden, pos)
+            out["position_ids"] = pos
+        st.step_cache[key] = out
+        return out
+
+    def _llm_stage(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        st = self.state
+        prev = st.current
+        _sync(hidden.device)
+        start = time.perf_counter()
+        stage_kw = kwargs if prev is st.layout0 else self._stage_kwargs(prev, kwargs, hidden)
+        normed_cache: dict[str, torch.Tensor] = {}
+
+        def attention_received(query_mask: torch.Tensor) -> torch.Tensor:
+            if "normed" not in normed_cache:
+                normed_cache["normed"] = layer.input_layernorm(hidden)
+            return decoder_attention_received(
+                layer.self_attn,
+                normed_cache["normed"],
+                stage_kw["position_embeddings"],
+                query_mask,
+                stage_kw["attention_mask"],
+            )
+
+        if self.replaying is not None:
+            selections = [self._replayed_selection(prev, b, *rec) for b, rec in enumerate(self.replaying.llm[index])]
+        else:
+            ctx = LLMStageContext(
+                index, self.info, hidden, prev, st.items, self.keep, st.signals, attention_received, self._sample_keys()
+            )
+            with torch.no_grad():
+                selections = self.policy.select_llm(ctx)
+            if self.decisions is not None:
+                self.decisions.llm[index] = [
+                    (prev.orig[b][sel.keep.to(prev.orig.device)].cpu(), sel.values, sel.ordered)
+                    for b, sel in enumerate(selections)
+                ]
+        keep_lists, value_lists = [], []
+        for b, sel in enumerate(selections):
+            kept, values, out_pos = compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)
+            keep_lists.append(kept)
+            value_lists.append((values, out_pos))
+        positions = None
+        layout, gather_index = take(prev, keep_lists)
+        if self.positions == "compact":
+            first = prev.positions[0].gather(1, prev.valid.long().argmax(1, keepdim=True))[:, 0]
+            positions = compact_positions(layout, first)
+            layout.positions = positions
+        new_hidden = gather_hidden(hidden, gather_index, layout.valid)
+        for b, (values, out_pos) in enumerate(value_lists):
+            if values is not None:
+                pad = layout.length - int(keep_lists[b].numel())
+                new_hidden[b, pad + out_pos.to(hidden.device)] = values.to(new_hidden.dtype)
+        st.current = layout
+        _sync(hidden.device)
+        st.seconds[f"llm@{index}"] = time.perf_counter() - start
+        return new_hidden
+
+    @staticmethod
+    def _replayed_selection(layout: Layout, b: int, orig: torch.Tensor, values, ordered: bool) -> Selection:
+        """The slots of `layout` (sample b) holding the recorded original positions, in recorded order."""
+        slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+        match = layout.orig[b][slots][None, :] == orig.to(slots.device)[:, None]  # [n_rec, n_slots]
+        if not bool(match.any(1).all()):
+            raise UnsupportedInputError("replay: a recorded token is missing from this prefill")
+        return Selection(slots[match.float().argmax(1)], values, ordered)
+
+    def _llm_signal_hook(self, sig):
+        def hook(module, args, kwargs, output):
+            st = self.state
+            if st is None or not st.active or st.phase != "prefill":
+                return None
+            hidden = kwargs["hidden_states"]
+            with torch.no_grad():
+                if sig.kind == "last_row":
+                    rows = torch.tensor([-1], device=hidden.device)
+                    scores = decoder_attention_rows(
+                        module, hidden, kwargs["position_embeddings"], rows, kwargs.get("attention_mask")
+                    )[:, 0]
+                else:
+                    raise TokenzipError(f"unknown LLM signal {sig.kind!r}")
+            st.signals[sig.key] = scores
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------ decode stage
+    def _decode_stage(self, cache) -> None:
+        st = self.state
+        start = time.perf_counter()
+        ctx = DecodeContext(self.info, list(st.layer_layouts), st.items, self.keep, self._sample_keys())
+        with torch.no_grad():
+            edits = self.policy.select_decode(ctx)
+        for layer, selections in edits.items():
+            prev = st.layer_layouts[layer]
+            if self.decisions is not None and self.replaying is None:
+                self.decisions.decode[layer] = [
+                    prev.orig[b][sel.keep.to(prev.orig.device)].cpu() for b, sel in enumerate(selections)
+                ]
+            keep_lists = [
+                compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)[0] for b, sel in enumerate(selections)
+            ]
+            layout, index = take(prev, keep_lists)
+            cache_layer = cache.layers[layer]
+            if not hasattr(cache_layer, "keys"):
+                raise UnsupportedInputError(
+                    f"cache type {type(cache).__name__} cannot be edited per layer; use DynamicCache"
+                )
+            idx = index.to(cache_layer.keys.device)[:, None, :, None]
+            for name in ("keys", "values"):
+                tensor = getattr(cache_layer, name)
+                gathered = torch.gather(tensor, 2, idx.expand(-1, tensor.shape[1], -1, tensor.shape[-1]))
+                setattr(
+                    cache_layer, name, gathered * layout.valid.to(gathered.device)[:, None, :, None].to(gathered.dtype)
+                )
+            st.layer_layouts[layer] = layout
+        st.seconds["decode"] = time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------------------ stats
+    def _record_stats(self, st: ForwardState, processed: list[Layout]) -> None:
+        samples = []
+        layouts = processed or [st.layout0]
+        vis = torch.stack([lay.visual_counts() for lay in layouts], 1).tolist()
+        seq = torch.stack([lay.valid.sum(1) for lay in layouts], 1).tolist()
+        cached = torch.stack([lay.valid.sum(1) for lay in (st.layer_layouts or layouts)], 1).tolist()
+        for b, items in enumerate(st.items.per_sample):
+            records = []
+            for j, it in enumerate(items):
+                kept_idx = st.item_kept[b][j] if st.item_kept else torch.arange(it.length)
+                content = it.shape.content_mask()
+                records.append(
+                    ItemRecord(it.modality, it.length, it.shape.n_content, int(content[kept_idx].sum()), kept_idx)
+                )
+            samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
+        self.stats.history.append(ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds)))

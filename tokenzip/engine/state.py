@@ -1,0 +1,162 @@
+"""Per-forward runtime state and the statistics a patch records."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..items import ItemShape, ItemsOfBatch
+from .layout import Layout
+
+
+@dataclass
+class VisionCall:
+    """One call of a feature function (`get_image_features` / `get_video_features`).
+
+    signals: key -> raw scores of the call ([R, T] per vision row with NaN at pruned slots, or [N] packed).
+    available: per item, the item-local token indices that survived a vision stage (None: all).
+    """
+
+    modality: str
+    arguments: dict[str, Any]
+    shapes: list[ItemShape]
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    available: list[torch.Tensor] | None = None
+    seconds: float = 0.0
+    kept_rows: list[torch.Tensor] | None = None
+
+
+@dataclass
+class VisionStageState:
+    """Inside one feature call: what the vision stage did to the tower's rows (right-padded)."""
+
+    slots: torch.Tensor  # LongTensor [R, W] original token index (CLS = 0) of each kept slot
+    valid: torch.Tensor  # BoolTensor [R, W]
+    mask: Any  # attention mask passed to the later encoder layers (None if no padding)
+    full_length: int  # tokens per row before the stage
+
+
+@dataclass
+class CallCapture:
+    """Collected while a feature function runs."""
+
+    modality: str
+    arguments: tuple[tuple, dict]
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    stage: VisionStageState | None = None
+    seconds: float = 0.0
+    kept_rows: list[torch.Tensor] | None = None  # vision-stage decision per row (for replay)
+
+
+@dataclass
+class ForwardState:
+    """Everything tokenzip tracks between the prefill of a prompt and its last decode step."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    user_positions: bool
+    phase: str = "prefill"
+    active: bool = False
+    items: ItemsOfBatch = field(default_factory=ItemsOfBatch)
+    orig_len: int = 0
+    orig_last_pos: torch.Tensor | None = None  # [B] row-0 position of each sample's last prompt token
+    rebuilt: bool = False
+    layout0: Layout | None = None
+    current: Layout | None = None
+    layer_layouts: list[Layout] = field(default_factory=list)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    decoded: int = 0
+    step: int = 0
+    tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
+    lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
+    seconds: dict[str, float] = field(default_factory=dict)
+    item_kept: list[list[torch.Tensor]] = field(default_factory=list)
+    step_cache: dict = field(default_factory=dict)
+
+
+@dataclass
+class ItemRecord:
+    """One image / video of one sample after a prefill."""
+
+    modality: str
+    tokens: int  # placeholder tokens (structural included)
+    content: int  # grid tokens (what keep is counted on)
+    kept: int  # content tokens entering the LLM
+    kept_indices: torch.Tensor  # item-local indices entering the LLM (structural included), in sequence order
+
+
+@dataclass
+class SampleRecord:
+    items: list[ItemRecord]
+    visual_per_layer: list[int]  # visual content tokens each decoder layer processed in prefill
+    sequence_per_layer: list[int]  # real (non-padding) tokens each decoder layer processed in prefill
+    cache_per_layer: list[int]  # real KV entries each layer holds after prefill (after decode-stage edits)
+
+    @property
+    def visual_in(self) -> int:
+        return sum(it.content for it in self.items)
+
+    @property
+    def visual_mean(self) -> float:
+        """Layer-averaged visual tokens (the quantity `keep` budgets)."""
+        return sum(self.visual_per_layer) / max(1, len(self.visual_per_layer))
+
+
+@dataclass
+class ForwardRecord:
+    """Statistics of one prefill (a `model(...)` call or the first step of `generate`)."""
+
+    policy: str
+    keep: Any
+    samples: list[SampleRecord]
+    seconds: dict[str, float]
+
+    def __repr__(self) -> str:
+        rows = [
+            f"sample {b}: visual {s.visual_in} -> LLM input {sum(i.kept for i in s.items)}, layer mean "
+            f"{s.visual_mean:.1f}"
+            for b, s in enumerate(self.samples)
+        ]
+        times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.seconds.items())
+        return f"ForwardRecord(policy={self.policy!r}, keep={self.keep!r}; " + "; ".join(rows) + f"; {times})"
+
+
+class PatchStats:
+    """Records of the most recent prefills of a patched model (`history`, newest last)."""
+
+    def __init__(self, maxlen: int = 256) -> None:
+        self.history: deque[ForwardRecord] = deque(maxlen=maxlen)
+
+    @property
+    def last(self) -> ForwardRecord | None:
+        return self.history[-1] if self.history else None
+
+    def clear(self) -> None:
+        self.history.clear()
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def __repr__(self) -> str:
+        return f"PatchStats({len(self.history)} forwards; last={self.last!r})"
+
+
+@dataclass
+class Decisions:
+    """Every selection of one prefill, in prompt coordinates, so a later prefill can replay it.
+
+    vision:  modality -> per feature call -> per tower row, kept token indices (CLS included).
+    pre_llm: per sample -> per item, the `Selection` (item-local indices).
+    llm:     layer -> per sample (kept original prompt positions of visual tokens [n], values or None, ordered).
+    decode:  layer -> per sample, original prompt positions of the visual tokens kept in that layer's cache.
+    """
+
+    batch: int
+    prompt_len: int
+    vision: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
+    pre_llm: list[list[Any]] | None = None
+    llm: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, bool]]] = field(default_factory=dict)
+    decode: dict[int, list[torch.Tensor]] = field(default_factory=dict)

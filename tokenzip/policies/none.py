@@ -1,0 +1,18 @@
+"""`none`: leaves the model untouched (statistics only)."""
+
+from __future__ import annotations
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep
+from ..contexts import Plan
+from .base import Policy
+from .registry import register
+
+
+@register
+class NonePolicy(Policy):
+    name = "none"
+    description = "No compression: the unpatched model, with tokenzip's statistics recorded."
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        return Plan()

@@ -1,0 +1,107 @@
+"""`random`: keep a uniformly random subset of each image's tokens (seeded, per image).
+
+The control baseline of every stage: `stage="pre_llm"` (default) drops tokens at the LLM input,
+`stage="vision"` inside the vision tower before encoder layer `layer` (LLaVA-1.5), `stage="llm"` before
+decoder layer `layer` (keep = layer-averaged budget, as FastV), `stage="decode"` evicts visual KV entries of
+layers >= `layer` once prefill is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep, item_budget, one_stage_llm_count
+from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selection, VisionStageContext
+from ..errors import BudgetError
+from .base import Policy
+from .common import NEWLINE_MODES, generator, structural_to_keep
+from .registry import register
+
+STAGES = ("pre_llm", "vision", "llm", "decode")
+DEFAULT_LAYER = {"pre_llm": None, "vision": 0, "llm": 2, "decode": 0}
+
+
+def random_subset(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct indices of range(n), uniformly at random, ascending."""
+    return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+
+
+@register
+class RandomPolicy(Policy):
+    name = "random"
+    description = "Uniformly random tokens per image (seeded); any stage: pre_llm, vision, llm or decode."
+    defaults: ClassVar[dict[str, Any]] = {
+        "seed": 0,
+        "stage": "pre_llm",
+        "layer": None,
+        "newlines": "keep_nonempty_rows",
+    }
+
+    def validate(self) -> None:
+        self._check_choice("stage", STAGES)
+        self._check_choice("newlines", NEWLINE_MODES)
+        self._check_int("seed")
+        self._check_int("layer", 0, allow_none=True)
+
+    @property
+    def layer(self) -> int | None:
+        layer = self.options["layer"]
+        return DEFAULT_LAYER[self.options["stage"]] if layer is None else layer
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        stage = self.options["stage"]
+        if stage == "pre_llm":
+            return Plan(pre_llm=True)
+        if stage == "vision":
+            return Plan(vision_layer=self.layer)
+        if stage == "llm":
+            return Plan(llm_layers=(self.layer,))
+        return Plan(decode=True)
+
+    def select_vision(self, ctx: VisionStageContext) -> list[torch.Tensor]:
+        n = ctx.n_patches
+        k = item_budget(ctx.keep, n)
+        return [random_subset(n, k, generator(self.options["seed"], key)) for key in ctx.row_keys]
+
+    def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
+        content = ctx.content_available
+        gen = generator(self.options["seed"], ctx.item.index_in_sample)
+        kept = content[random_subset(content.numel(), ctx.budget, gen)]
+        extra = structural_to_keep(ctx.item.shape, kept, self.options["newlines"])
+        extra = extra[torch.isin(extra, ctx.available)]
+        return Selection(torch.cat([kept, extra]))
+
+    def _sample_choice(self, slots: torch.Tensor, count: int, key: int) -> Selection:
+        pick = random_subset(slots.numel(), count, generator(self.options["seed"], key))
+        return Selection(slots[pick.to(slots.device)])
+
+    def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
+        out = []
+        layout = ctx.layout
+        for b, target in enumerate(ctx.item_targets()):
+            slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            n = slots.numel()
+            r = one_stage_llm_count(target, n, ctx.layer, ctx.info.n_llm_layers)
+            if r < 0.5:
+                raise BudgetError(
+                    f"random(stage='llm', layer={ctx.layer}): keep={ctx.keep!r} is below what pruning at layer "
+                    f"{ctx.layer} of {ctx.info.n_llm_layers} can reach for {n} visual tokens (the first "
+                    f"{ctx.layer} layers already average more); raise keep or lower layer"
+                )
+            out.append(self._sample_choice(slots, min(n, max(1, round(r))), ctx.sample_keys[b]))
+        return out
+
+    def select_decode(self, ctx: DecodeContext) -> dict[int, list[Selection]]:
+        edits: dict[int, list[Selection]] = {}
+        for layer in range(self.layer, ctx.info.n_llm_layers):
+            layout = ctx.layer_layouts[layer]
+            per_sample = []
+            for b, items in enumerate(ctx.items.per_sample):
+                slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+                target = sum(item_budget(ctx.keep, it.shape.n_content) for it in items)
+                per_sample.append(self._sample_choice(slots, min(slots.numel(), target), ctx.sample_keys[b]))
+            edits[layer] = per_sample
+        return edits

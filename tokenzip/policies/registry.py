@@ -1,0 +1,29 @@
+"""Name -> policy class."""
+
+from __future__ import annotations
+
+from ..errors import UnknownPolicyError
+from .base import Policy
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator adding a policy under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_policy_class(name: str) -> type[Policy]:
+    """The policy class registered as `name` (case-insensitive); `UnknownPolicyError` lists the known names."""
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise UnknownPolicyError(f"unknown policy {name!r}; available policies: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def list_policies() -> dict[str, str]:
+    """Registered policy names with their one-line descriptions, sorted by name."""
+    return {name: _REGISTRY[name].description for name in sorted(_REGISTRY)}

@@ -1,0 +1,250 @@
+"""Attention scores recomputed from an attention module's own inputs, without eager attention.
+
+Models run with sdpa / FlashAttention return no attention weights. Policies need only a few rows of them
+(the CLS row, the last text token's row) or per-key means over queries, so these functions recompute
+exactly those from the captured (normed) input of the attention module, calling the module's own
+projections (never reading `.weight`, which is on the meta device under accelerate offload). Softmax and
+averaging run in float32. All results are head-averaged post-softmax probabilities, the quantity eager
+attention would return, restricted to what was asked for.
+
+Masks: `keep` masks here are bool, True = may attend, broadcastable to [B, 1, Q, K]; `as_keep_mask`
+converts the formats transformers passes to layers (None, bool 4-D for sdpa, additive float 4-D for
+eager, 2-D padding masks for FlashAttention).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def as_keep_mask(mask: torch.Tensor | None, q_len: int, k_len: int) -> torch.Tensor | None:
+    """A bool keep-mask [B, 1, Q, K] (or None) from any attention-mask format transformers uses."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:  # FlashAttention padding mask [B, K]: 1 = real token
+        return mask.bool()[:, None, None, :].expand(-1, 1, q_len, -1)
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama/Qwen2/Qwen2.5-VL decoders apply it: x [B, H, L, hd], cos/sin [B, L, hd]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+def _softmax_mean_heads(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim in float32, then mean over heads (dim 1). Rows that are fully masked give 0."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0).mean(1)
+
+
+# ------------------------------------------------------------------------------------------ ViT encoders
+def encoder_qk(attn: torch.nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor | slice | None = None):
+    """Queries (of `rows`, all rows if None) and keys [B, H, *, hd] of a CLIP / SigLIP attention module."""
+    b, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    q_in = hidden_states if rows is None else hidden_states[:, rows]
+    q = attn.q_proj(q_in).view(b, q_in.shape[1], attn.num_heads, hd).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(b, n, attn.num_heads, hd).transpose(1, 2)
+    return q, k
+
+
+def encoder_attention_rows(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    rows: torch.Tensor | slice,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean attention probabilities of the query `rows` of a CLIP / SigLIP layer.
+
+    hidden_states: the attention module's input (after `layer_norm1`), [B, N, D].
+    Returns float32 [B, R, N]. For the CLS row of CLIP use rows=slice(0, 1).
+    """
+    q, k = encoder_qk(attn, hidden_states, rows)
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+    keep = as_keep_mask(attention_mask, hidden_states.shape[1], hidden_states.shape[1])
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, :, rows], float("-inf"))
+    return _softmax_mean_heads(scores)
+
+
+def encoder_attention_received(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Mean attention each key receives, over heads and over all real queries, of a CLIP / SigLIP layer.
+
+    `attention_mask` may mark padding keys (as tokenzip's vision stage does); padding tokens then neither count
+    as queries nor receive attention. Queries are processed in chunks of `chunk` rows, so memory stays
+    O(chunk * N * H).
+    hidden_states: [B, N, D]. Returns float32 [B, N].
+    """
+    b, n, _ = hidden_states.shape
+    keep = as_keep_mask(attention_mask, n, n)
+    # a token is real iff every query may attend to it (bidirectional encoder; padding is a key mask)
+    real = keep.all(dim=-2)[:, 0].float() if keep is not None else torch.ones(b, n, device=hidden_states.device)
+    _, k = encoder_qk(attn, hidden_states, slice(0, 0))
+    total = torch.zeros(b, n, dtype=torch.float32, device=hidden_states.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        q = (
+            attn.q_proj(hidden_states[:, rows])
+            .view(b, rows.stop - start, attn.num_heads, attn.head_dim)
+            .transpose(1, 2)
+        )
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+        if keep is not None:
+            scores = scores.masked_fill(~keep[:, :, rows], float("-inf"))
+        probs = _softmax_mean_heads(scores)  # [B, R, N]
+        total += (probs * real[:, rows, None]).sum(1)
+    n_queries = real.sum(1, keepdim=True)
+    return total / n_queries.clamp_min(1.0)
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL vision
+def qwen_vision_qk(attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings):
+    """Post-RoPE queries and keys [H, N, hd] of a Qwen2.5-VL vision attention module (float32)."""
+    n = hidden_states.shape[0]
+    q, k, _ = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q, k = q.float(), k.float()
+    q = (q * cos) + (_rotate_half(q) * sin)
+    k = (k * cos) + (_rotate_half(k) * sin)
+    return q.transpose(0, 1), k.transpose(0, 1)
+
+
+def qwen_vision_attention_received(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Mean attention each token receives inside its own `cu_seqlens` segment (window or image slice).
+
+    Exactly what the block computes: attention never crosses segment boundaries. Tokens are in the vision
+    tower's window-permuted order. hidden_states: [N, D] (after `norm1`); returns float32 [N].
+    """
+    q, k = qwen_vision_qk(attn, hidden_states, position_embeddings)
+    out = torch.zeros(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
+    bounds = cu_seqlens.tolist()
+    for s, e in itertools.pairwise(bounds):
+        if e <= s:
+            continue
+        ks = k[:, s:e]
+        acc = torch.zeros(e - s, dtype=torch.float32, device=hidden_states.device)
+        for start in range(s, e, chunk):
+            stop = min(e, start + chunk)
+            scores = (q[:, start:stop] @ ks.transpose(-1, -2)) * attn.scaling
+            acc += torch.softmax(scores, -1).mean(0).sum(0)
+        out[s:e] = acc / (e - s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ LLM decoders
+def decoder_qk(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE queries [B, H, R, hd] (of `rows`, all if None) and GQA-expanded keys [B, H, L, hd].
+
+    Works for Llama, Qwen2 and Qwen2.5-VL decoder attention (the M-RoPE of Qwen2.5-VL is already folded into
+    the (cos, sin) [B, L, hd] that the model passes to each layer). `keys`: post-RoPE keys [B, KV, L, hd] to
+    reuse (e.g. the layer's cache entries) instead of recomputing them.
+    """
+    b, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    cos, sin = position_embeddings
+    if rows is None:
+        q_in, q_cos, q_sin = hidden_states, cos, sin
+    else:
+        q_in, q_cos, q_sin = hidden_states[:, rows], cos[:, rows], sin[:, rows]
+    n_heads = attn.config.num_attention_heads
+    q = attn.q_proj(q_in).view(b, q_in.shape[1], n_heads, hd).transpose(1, 2)
+    q = _apply_rope(q, q_cos, q_sin)
+    if keys is None:
+        k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd).transpose(1, 2)
+        k = _apply_rope(k, cos, sin)
+    else:
+        k = keys
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    return q, k
+
+
+def _decoder_keep(attention_mask, rows: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Causal (by sequence index) & padding keep-mask for query `rows` over `n` keys: [B or 1, 1, R, n]."""
+    causal = torch.arange(n, device=device)[None, :] <= rows[:, None]
+    keep = causal[None, None]
+    full = as_keep_mask(attention_mask, n, n)
+    if full is not None:
+        keep = keep & full[:, :, rows, :n]
+    return keep
+
+
+def decoder_attention_rows(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-mean attention probabilities of query `rows` of a decoder layer during prefill.
+
+    hidden_states: the attention module's input (after `input_layernorm`), [B, L, D]; rows: LongTensor [R]
+    (negative values count from the end, e.g. tensor([-1]) = the last token, FastV). The causal mask is by
+    sequence index; `attention_mask` adds padding (any transformers format). Returns float32 [B, R, L].
+    """
+    n = hidden_states.shape[1]
+    rows = torch.as_tensor(rows, device=hidden_states.device).long() % n
+    q, k = decoder_qk(attn, hidden_states, position_embeddings, rows, keys)
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+    scores = scores.masked_fill(~_decoder_keep(attention_mask, rows, n, scores.device), float("-inf"))
+    return _softmax_mean_heads(scores)
+
+
+def decoder_attention_received(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Mean attention each key receives from the queries selected by `query_mask`, over heads, in prefill.
+
+    query_mask: BoolTensor [B, L] (e.g. the visual tokens of each sample). Queries are processed in chunks of
+    `chunk` rows; causal by sequence index plus `attention_mask` padding. Returns float32 [B, L] (the mean over
+    each sample's selected queries; 0 for keys no selected query can see).
+    """
+    b, n, _ = hidden_states.shape
+    _, k = decoder_qk(attn, hidden_states, position_embeddings, torch.zeros(0, dtype=torch.long), None)
+    total = torch.zeros(b, n, dtype=torch.float32, device=hidden_states.device)
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(n, start + chunk), device=hidden_states.device)
+        sel = query_mask[:, rows].float()
+        if not bool(sel.any()):
+            continue
+        q, _ = decoder_qk(attn, hidden_states, position_embeddings, rows, keys=k)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = scores.masked_fill(~_decoder_keep(attention_mask, rows, n, scores.device), float("-inf"))
+        probs = _softmax_mean_heads(scores)  # [B, R, L]
+        total += (probs * sel[..., None]).sum(1)
+    return total / query_mask.float().sum(1, keepdim=True).clamp_min(1.0)

@@ -1,0 +1,465 @@
+"""Tiny, fully offline LLaVA-1.5, Qwen2.5-VL and LLaVA-OneVision models with hand-built processors.
+
+Nothing here downloads anything: tokenizers are word-level vocabularies built in memory, image processors
+are the PIL backends constructed directly, and models are instantiated from configs with random weights.
+They are the fixtures of the test suite and the default model of examples until trained tiny models ship.
+
+Sizes (defaults):
+
+* LLaVA-1.5: 112 px image, 14 px patches -> 8x8 = 64 visual tokens, CLIP tower with CLS, 4 layers.
+* Qwen2.5-VL: 112x112 image -> 8x8 patches -> 4x4 = 16 LLM tokens after the 2x2 merger; 224x224 -> 64.
+* LLaVA-OneVision: 56 px tiles, 14 px patches -> 16 tokens per tile; anyres adds tiles + one newline per row;
+  a 4-frame video gives 4 x 2x2 pooled tokens + 1 newline.
+
+All LLMs are Llama/Qwen2 decoders of hidden size 64 (4 query heads, 2 KV heads: GQA is exercised).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+WORDS = [
+    "USER:",
+    "ASSISTANT:",
+    "What",
+    "is",
+    "in",
+    "the",
+    "image",
+    "?",
+    "a",
+    "cat",
+    "dog",
+    "Describe",
+    "this",
+    "video",
+    ".",
+    "yes",
+    "no",
+    "system",
+    "user",
+    "assistant",
+    "You",
+    "are",
+    "helpful",
+    "color",
+    "shape",
+    "red",
+    "green",
+    "blue",
+    "square",
+    "circle",
+    "left",
+    "right",
+    "how",
+    "many",
+    "one",
+    "two",
+    "three",
+]
+
+
+def make_tokenizer(specials: list[str], extra_words: tuple[str, ...] = ()):
+    """A whitespace word-level tokenizer; `specials` become special tokens (never split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in ["<pad>", "<unk>", "<s>", "</s>", *WORDS, *extra_words]:
+        vocab.setdefault(tok, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens=None,
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok
+
+
+def dummy_image(width: int = 112, height: int = 112, seed: int = 0) -> Image.Image:
+    """A deterministic random RGB image."""
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+@dataclass
+class TinyVLM:
+    """A tiny model, its processor and the token ids a test needs."""
+
+    model: Any
+    processor: Any
+    family: str
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Ids of image/video placeholder tokens (suppress them when re-feeding generated ids)."""
+        cfg = self.model.config
+        ids = [getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)]
+        return [int(i) for i in ids if i is not None]
+
+    def prompt(self, text: str = "What is in the image ?", images: int = 1, video: bool = False) -> str:
+        """A chat-formatted user prompt with `images` image items (and one video item if `video`)."""
+        content: list[dict] = [{"type": "image"} for _ in range(images)]
+        if video:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": text})
+        msgs = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+    def inputs(self, images: list[Image.Image] | None, texts: list[str] | str, **kw) -> dict:
+        """Processor call with left padding (what generation needs)."""
+        self.processor.tokenizer.padding_side = "left"
+        batched = not isinstance(texts, str)
+        return dict(
+            self.processor(
+                images=images,
+                text=texts,
+                padding=batched,
+                return_tensors="pt",
+                **kw,
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-1.5
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def tiny_llava(
+    attn: str = "sdpa",
+    image_size: int = 112,
+    patch: int = 14,
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> TinyVLM:
+    """Tiny `LlavaForConditionalGeneration` (CLIP tower with CLS, feature layer -2, 'default' strategy)."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = make_tokenizer(["<image>"])
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    vcfg = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=32,
+    )
+    tcfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vcfg,
+        text_config=tcfg,
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    proc = LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return TinyVLM(model, proc, "llava")
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _qwen_image_only_processor_cls():
+    """`Qwen2_5_VLProcessor` without a video processor (video processors need torchvision).
+
+    `ProcessorMixin` derives its sub-processors from the `__init__` signature, so the argument is removed there.
+    """
+    from transformers import Qwen2_5_VLProcessor
+
+    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return Qwen2_5_VLImageOnlyProcessor
+
+
+def tiny_qwen25vl(
+    attn: str = "sdpa",
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    fullatt_blocks: tuple[int, ...] = (1, 3),
+    window_size: int = 56,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> TinyVLM:
+    """Tiny `Qwen2_5_VLForConditionalGeneration`: windowed vision blocks, 2x2 merger, M-RoPE LLM."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = make_tokenizer(QWEN_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text_config = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_config = dict(
+        depth=vision_layers,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=window_size,
+        out_hidden_size=64,
+        fullatt_block_indexes=list(fullatt_blocks),
+        tokens_per_second=2,
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    proc = _qwen_image_only_processor_cls()(image_processor=improc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    return TinyVLM(model, proc, "qwen2_5_vl")
+
+
+def qwen_video_inputs(
+    vlm: TinyVLM, frames: int = 4, side: int = 112, text: str = "Describe this video ?", seed: int = 0
+) -> dict:
+    """Hand-built Qwen2.5-VL video inputs (the video processor needs torchvision).
+
+    `frames` raw frames become `frames // 2` temporal patches; each has (side/14)^2 patches and (side/28)^2 LLM
+    tokens.
+    """
+    cfg = vlm.model.config.vision_config
+    tp, ps, ms = cfg.temporal_patch_size, cfg.patch_size, cfg.spatial_merge_size
+    t, h, w = frames // tp, side // ps, side // ps
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(t * h * w, 3 * tp * ps * ps, generator=g)
+    n_tokens = t * h * w // ms**2
+    prompt = vlm.prompt(text, images=0, video=True).replace("<|video_pad|>", "<|video_pad|>" * n_tokens)
+    enc = vlm.processor.tokenizer(prompt, return_tensors="pt")
+    video_id = vlm.model.config.video_token_id
+    mm_type = (enc.input_ids == video_id).long() * 2
+    return dict(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        pixel_values_videos=flat,
+        video_grid_thw=torch.tensor([[t, h, w]]),
+        second_per_grid_ts=torch.tensor([1.0]),
+        mm_token_type_ids=mm_type,
+    )
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-OneVision
+OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+OV_SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+def _ov_image_only_processor_cls():
+    """`LlavaOnevisionProcessor` without a video processor (see `_qwen_image_only_processor_cls`)."""
+    from transformers import LlavaOnevisionProcessor
+
+    class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+        def __init__(
+            self,
+            image_processor=None,
+            tokenizer=None,
+            num_image_tokens=None,
+            vision_feature_select_strategy=None,
+            chat_template=None,
+            **kwargs,
+        ):
+            super().__init__(
+                image_processor,
+                tokenizer,
+                None,
+                num_image_tokens=num_image_tokens,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                chat_template=chat_template,
+                **kwargs,
+            )
+
+    return LlavaOnevisionImageOnlyProcessor
+
+
+def tiny_llava_ov(
+    attn: str = "sdpa",
+    image_size: int = 56,
+    patch: int = 14,
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> TinyVLM:
+    """Tiny `LlavaOnevisionForConditionalGeneration` (SigLIP tower, anyres_max_9 with a 2x2 pinpoint grid)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = make_tokenizer(OV_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in OV_SPECIALS}
+    pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
+    vcfg = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+    tcfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vcfg,
+        text_config=tcfg,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
+    )
+    proc = _ov_image_only_processor_cls()(
+        image_processor=improc,
+        tokenizer=tok,
+        num_image_tokens=(image_size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=OV_CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return TinyVLM(model, proc, "llava_onevision")
+
+
+def ov_video_inputs(vlm: TinyVLM, frames: int = 4, text: str = "Describe this video ?", seed: int = 0) -> dict:
+    """Hand-built LLaVA-OneVision video inputs (the video processor needs torchvision)."""
+    cfg = vlm.model.config
+    side = cfg.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    pixel_values_videos = torch.randn(1, frames, 3, side, side, generator=g)
+    p = side // cfg.vision_config.patch_size
+    n_tokens = frames * math.ceil(p / 2) ** 2 + 1
+    prompt = vlm.prompt(text, images=0, video=True).replace("<video>", "<video>" * n_tokens)
+    enc = vlm.processor.tokenizer(prompt, return_tensors="pt")
+    return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values_videos=pixel_values_videos)
+
+
+FACTORIES = {"llava": tiny_llava, "qwen2_5_vl": tiny_qwen25vl, "llava_onevision": tiny_llava_ov}
+
+
+def tiny(family: str, **kw) -> TinyVLM:
+    """Build the tiny model of `family` ('llava', 'qwen2_5_vl' or 'llava_onevision')."""
+    if family not in FACTORIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(FACTORIES)}")
+    return FACTORIES[family](**kw)
