@@ -11,6 +11,25 @@ import torch
 from tokenzip.testing.tiny import TinyVLM, dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
+
+# Baseline policies exercising every stage: name -> apply() options (policy = the part before "-").
+POLICY_CASES = {
+    "random": {},
+    "pool": {},
+    "fastv": {},
+    "random-llm": {"stage": "llm"},
+    "random-decode": {"stage": "decode", "layer": 4},
+    "random-vision": {"stage": "vision", "layer": 1},
+}
+
+
+def apply_case(model, case: str, keep, **extra):
+    """`tokenzip.apply` for a POLICY_CASES entry."""
+    import tokenzip
+
+    return tokenzip.apply(model, case.split("-")[0], keep, **{**POLICY_CASES[case], **extra})
+
+
 ATTENTION = ("sdpa", "eager")
 
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)

@@ -6,20 +6,10 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import get_tiny, image_inputs
+from conftest import POLICY_CASES, apply_case, get_tiny, image_inputs
 
-import tokenzip
 from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
 from tokenzip.testing.tiny import tiny
-
-CASES = {
-    "random": {},
-    "pool": {},
-    "fastv": {},
-    "random-llm": {"stage": "llm"},
-    "random-decode": {"stage": "decode", "layer": 4},
-    "random-vision": {"stage": "vision", "layer": 1},
-}
 
 
 def _device_map(model, offloaded: set[str]) -> dict[str, str]:
@@ -57,14 +47,13 @@ def offloaded_llava(tmp_path_factory):
     return model
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(POLICY_CASES))
 def test_disk_offloaded_model_gives_the_same_tokens(offloaded_llava, case):
     plain = get_tiny("llava", "sdpa")
     inputs = image_inputs(plain, 2)
-    policy = case.split("-")[0]
-    with tokenzip.apply(plain.model, policy, 0.25, **CASES[case]):
+    with apply_case(plain.model, case, 0.25):
         want, _ = cached_greedy(plain.model, inputs, 3)
-    with tokenzip.apply(offloaded_llava, policy, 0.25, **CASES[case]) as patch:
+    with apply_case(offloaded_llava, case, 0.25) as patch:
         got, _ = cached_greedy(offloaded_llava, inputs, 3)
         sample = patch.stats.last.samples[0]
         assert sample.visual_mean < 64 or sample.cache_per_layer != sample.sequence_per_layer
@@ -77,7 +66,7 @@ def test_bfloat16_generation_is_consistent(family, case):
     vlm = tiny(family, dtype=torch.bfloat16)
     inputs = image_inputs(vlm, 2)
     inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs.items()}
-    with tokenzip.apply(vlm.model, case.split("-")[0], 0.25, **CASES[case]) as patch:
+    with apply_case(vlm.model, case, 0.25) as patch:
         tokens, logits = cached_greedy(vlm.model, inputs, 3)
         with patch.replay():
             reference = uncached_logits(vlm.model, inputs, tokens)
@@ -95,7 +84,7 @@ def _flash_available() -> bool:
     reason="flash_attention_2 needs the flash-attn package and a CUDA GPU (flash-attn cannot be built on CPU-only "
     "machines); tokenzip's hooks use the same code path with 2-D masks",
 )
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(POLICY_CASES))
 def test_flash_attention_2_matches_sdpa(case):
     results = {}
     for attn in ("sdpa", "flash_attention_2"):
@@ -103,7 +92,7 @@ def test_flash_attention_2_matches_sdpa(case):
         vlm.model.to("cuda")
         inputs = {k: v.to("cuda") for k, v in image_inputs(vlm, 2).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-        with tokenzip.apply(vlm.model, case.split("-")[0], 0.25, **CASES[case]) as patch:
+        with apply_case(vlm.model, case, 0.25) as patch:
             tokens, _ = cached_greedy(vlm.model, inputs, 3)
             kept = [s.sequence_per_layer for s in patch.stats.last.samples]
         results[attn] = (tokens.cpu(), kept)

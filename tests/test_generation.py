@@ -11,29 +11,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTENTION, FAMILIES, get_tiny, image_inputs, multi_image_inputs, single_inputs, video_inputs
+from conftest import (
+    ATTENTION,
+    FAMILIES,
+    POLICY_CASES,
+    apply_case,
+    get_tiny,
+    image_inputs,
+    multi_image_inputs,
+    single_inputs,
+    video_inputs,
+)
 
 import tokenzip
 from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
 
 STEPS = 4
 KEEPS = (0.5, 0.25, 0.11)
-POLICIES = {
-    "random": {},
-    "pool": {},
-    "fastv": {},
-    "random-llm": {"stage": "llm"},
-    "random-decode": {"stage": "decode", "layer": 4},
-    "random-vision": {"stage": "vision", "layer": 1},
-}
 
 
 def policy_cases(family: str) -> list[str]:
-    return [name for name in POLICIES if name != "random-vision" or family == "llava"]
+    return [name for name in POLICY_CASES if name != "random-vision" or family == "llava"]
 
 
-def apply(model, case: str, keep):
-    return tokenzip.apply(model, case.split("-")[0], keep, **POLICIES[case])
+apply = apply_case
 
 
 def matrix():

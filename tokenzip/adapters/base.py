@@ -150,6 +150,29 @@ class Adapter(ABC):
         return out
 
 
+class ViTTowerAdapter(Adapter):
+    """Families whose vision tower is a CLIP / SigLIP encoder (`vision_tower.encoder.layers[i].self_attn`)
+    processing one row (image, tile or frame) of grid x grid patches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        tower = self.base.vision_tower
+        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with vision tower {type(tower).__name__} is not supported; tokenzip "
+                "expects a CLIP / SigLIP encoder (`vision_tower.encoder.layers`)"
+            )
+        vcfg = self.config.vision_config
+        self.grid = vcfg.image_size // vcfg.patch_size
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.base.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].self_attn
+
+
 def interleave_structural(values: torch.Tensor, shape: ItemShape) -> torch.Tensor:
     """Place per-content-token `values` [n_content] (raster order of the parts) into an item-long vector.
 

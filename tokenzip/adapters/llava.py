@@ -5,38 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..items import GridPart, ItemShape
-from .base import Adapter, interleave_structural
+from .base import ViTTowerAdapter, interleave_structural
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(ViTTowerAdapter):
     """One image = one square grid of (image_size / patch)^2 tokens (plus CLS with the 'full' strategy)."""
 
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     supports_vision_stage = True
     vision_has_cls = True
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        tower = self.base.vision_tower
-        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
-            raise UnsupportedModelError(
-                f"LLaVA with vision tower {type(tower).__name__} is not supported; tokenzip's LLaVA adapter "
-                "expects a CLIP-style tower (`vision_tower.encoder.layers`)"
-            )
-        vcfg = self.config.vision_config
-        self.grid = vcfg.image_size // vcfg.patch_size
-
-    @property
-    def vision_layers(self) -> nn.ModuleList:
-        return self.base.vision_tower.encoder.layers
-
-    def vision_attention(self, layer: int) -> nn.Module:
-        return self.vision_layers[layer].self_attn
 
     @property
     def token_ids(self) -> dict[str, int]:

@@ -10,10 +10,10 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..items import GridPart, ItemShape
-from .base import Adapter, interleave_structural
+from .base import ViTTowerAdapter, interleave_structural
 
 
-class LlavaOnevisionAdapter(Adapter):
+class LlavaOnevisionAdapter(ViTTowerAdapter):
     """Geometry of OneVision's packed features.
 
     * Single image (anyres): base tile grid g x g, then the high-resolution tiles assembled into one grid,
@@ -33,15 +33,6 @@ class LlavaOnevisionAdapter(Adapter):
                 "LLaVA-OneVision with vision_feature_select_strategy="
                 f"{self.config.vision_feature_select_strategy!r} is not supported (checkpoints use 'full')"
             )
-        vcfg = self.config.vision_config
-        self.grid = vcfg.image_size // vcfg.patch_size
-
-    @property
-    def vision_layers(self) -> nn.ModuleList:
-        return self.base.vision_tower.encoder.layers
-
-    def vision_attention(self, layer: int) -> nn.Module:
-        return self.vision_layers[layer].self_attn
 
     @property
     def token_ids(self) -> dict[str, int]:
