@@ -18,7 +18,7 @@ def logits(vlm, inputs) -> torch.Tensor:
 
 def test_list_policies_names_and_descriptions():
     policies = tokenzip.list_policies()
-    assert {"none", "random", "pool", "fastv"} <= set(policies)
+    assert {"none", "random", "pool", "fastv", "hiprune"} <= set(policies)
     assert all(isinstance(d, str) and len(d) > 10 for d in policies.values())
 
 
@@ -98,7 +98,8 @@ def test_invalid_keep_is_rejected(keep):
 
 def test_unknown_policy_and_option_are_rejected():
     vlm = get_tiny("llava", "sdpa")
-    with pytest.raises(tokenzip.UnknownPolicyError, match="available policies: fastv, none, pool, random"):
+    names = ", ".join(tokenzip.list_policies())
+    with pytest.raises(tokenzip.UnknownPolicyError, match=f"unknown policy 'hiprunee'; available policies: {names}"):
         tokenzip.apply(vlm.model, "hiprunee", 0.5)
     with pytest.raises(tokenzip.PolicyOptionError, match="its options are: layer, ratio"):
         tokenzip.apply(vlm.model, "fastv", 0.5, K=2)

@@ -25,17 +25,31 @@ class Selection:
              of the current layout for `llm`). With `ordered=False` the engine sorts them (sequence order).
     values:  optional [n, D] replacement values for the kept tokens (merges: a kept token stands for a group
              and carries its merged value; it keeps its own position).
+    padding: the last `padding` entries are zero rows standing in for missing tokens (HoloV's official
+             shortfall); they enter the LLM but are reported separately from real tokens.
+    offset:  pre_llm only, <= 0: `keep` indexes the window [start + offset, start + offset + length) instead of
+             the item's run; the |offset| text tokens before the run become selectable and the last |offset|
+             tokens of the run are always kept after the window (reproduces a released off-by-one window).
     """
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     ordered: bool = False
+    padding: int = 0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
 class VisionSignal:
-    """A per-token score from vision layer `layer`: 'received' (mean attention received over heads and
-    queries) or 'cls' (the CLS query's attention row; CLIP only)."""
+    """A per-token signal from vision layer `layer`, computed from that layer's attention input:
+
+    'received': mean attention received, over heads and over the queries of the token's attention segment;
+    'cls':      the CLS query's attention row, mean over heads (CLIP only);
+    'keys':     the layer's key vectors averaged over heads (before the 2-D RoPE on Qwen2.5-VL): [*, head_dim].
+
+    Policies receive them mapped onto each item's LLM tokens (`PreLLMItem.signals`), or per tower row
+    (`ProjectorInputContext.signals`).
+    """
 
     kind: str
     layer: int
@@ -63,11 +77,14 @@ class Plan:
     """Which stages a policy uses on one model, and which signals it needs.
 
     vision_layer: prune inside the vision tower before this encoder layer (families with
-                  `supports_vision_stage`); pre_llm: select at the LLM input; llm_layers: select before these
-                  decoder layers during prefill; decode: edit the KV cache once after prefill.
+                  `supports_vision_stage`); projector_input: select / merge the feature layer's output (CLS
+                  included) before the projector (LLaVA-1.5); pre_llm: select at the LLM input; llm_layers:
+                  select before these decoder layers during prefill; decode: edit the KV cache once after
+                  prefill.
     """
 
     vision_layer: int | None = None
+    projector_input: bool = False
     pre_llm: bool = False
     llm_layers: tuple[int, ...] = ()
     decode: bool = False
@@ -76,7 +93,13 @@ class Plan:
 
     @property
     def is_empty(self) -> bool:
-        return self.vision_layer is None and not self.pre_llm and not self.llm_layers and not self.decode
+        return (
+            self.vision_layer is None
+            and not self.projector_input
+            and not self.pre_llm
+            and not self.llm_layers
+            and not self.decode
+        )
 
 
 @dataclass
@@ -100,6 +123,27 @@ class VisionStageContext:
 
 
 @dataclass
+class ProjectorInputContext:
+    """The vision feature layer's output before the projector (one row per image), CLS at index 0.
+
+    hidden:  [R, T, D_vision] (T = 1 + patches for CLIP); signals: key -> raw per-row signals [R, T, *C].
+    A policy returns one `Selection` per row over the T tokens (values in vision space); the engine projects
+    the selected values and hands them to the LLM in that order, each standing at the position of its token
+    (CLS stands at the first patch).
+    """
+
+    hidden: torch.Tensor
+    signals: dict[str, torch.Tensor]
+    keep: Keep
+    row_keys: list[int]
+    has_cls: bool
+
+    @property
+    def n_patches(self) -> int:
+        return self.hidden.shape[1] - int(self.has_cls)
+
+
+@dataclass
 class PreLLMItem:
     """One image / video at the LLM input.
 
@@ -114,6 +158,7 @@ class PreLLMItem:
     available: torch.Tensor
     keep: Keep
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    before: torch.Tensor | None = None  # [D] embedding of the token just before the item's run, if any
 
     @property
     def content_available(self) -> torch.Tensor:
@@ -132,7 +177,8 @@ class LLMStageContext:
     """Input of an in-LLM stage: the hidden states entering decoder layer `layer` during prefill.
 
     `attention_received(query_mask [B, L])` recomputes, from this layer's own q/k, the mean attention each
-    slot receives from the selected queries ([B, L]). `signals` holds captured LLM signals by key.
+    slot receives from the selected queries ([B, L]); `head_mean_keys()` gives this layer's post-RoPE keys
+    averaged over heads ([B, L, head_dim]). `signals` holds captured LLM signals by key.
     `sample_keys`: one int per sample derived from its prompt tokens (stable across batch compositions).
     """
 
@@ -145,6 +191,7 @@ class LLMStageContext:
     signals: dict[str, torch.Tensor]
     attention_received: Callable[[torch.Tensor], torch.Tensor]
     sample_keys: list[int] = field(default_factory=list)
+    head_mean_keys: Callable[[], torch.Tensor] | None = None
 
     def item_targets(self) -> list[int]:
         """Per sample: the layer-averaged visual budget, the sum of `item_budget` over its items."""

@@ -42,7 +42,9 @@ class ItemShape:
     """The token layout of one image / video as produced by the model's feature function.
 
     `vision_rows` is the [start, end) range of this item in the vision tower's batch: rows (tiles / frames /
-    images) for CLIP and SigLIP, flattened patch tokens for Qwen2.5-VL.
+    images) for CLIP and SigLIP, flattened patch tokens for Qwen2.5-VL. `window_order` (Qwen2.5-VL): for each
+    position of the tower's window-permuted order, the raster index of the content token there (so
+    `raster_scores[window_order]` is in window order).
     """
 
     modality: str
@@ -50,6 +52,7 @@ class ItemShape:
     leading: int = 0
     trailing: int = 0
     vision_rows: tuple[int, int] = (0, 0)
+    window_order: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def length(self) -> int:

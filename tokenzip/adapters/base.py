@@ -28,6 +28,8 @@ class ModelInfo:
     attn_implementation: str
     supports_compact_positions: bool
     supports_vision_stage: bool
+    supports_projector_stage: bool = False
+    vision_full_attention_layers: tuple[int, ...] = ()  # vision layers attending over a whole image / frame
 
 
 class Adapter(ABC):
@@ -42,6 +44,7 @@ class Adapter(ABC):
     model_classes: ClassVar[tuple[str, ...]]
     supports_compact_positions: ClassVar[bool] = True
     supports_vision_stage: ClassVar[bool] = False
+    supports_projector_stage: ClassVar[bool] = False
     vision_has_cls: ClassVar[bool] = False
     vision_kind: ClassVar[str] = "vit"  # "vit": batch of rows [R, T, D]; "qwen": packed tokens [N, D]
 
@@ -106,9 +109,9 @@ class Adapter(ABC):
     ) -> list[torch.Tensor]:
         """Map per-token vision scores of one feature call onto each item's LLM tokens.
 
-        scores: [R, T] per vision row (ViT towers; T includes CLS where present) or [N] packed tokens in the
-        tower's own order (Qwen2.5-VL). Returns one float tensor [item.length] per item, NaN at structural
-        tokens (newlines, CLS).
+        scores: [R, T, *C] per vision row (ViT towers; T includes CLS where present) or [N, *C] packed tokens in
+        the tower's own order (Qwen2.5-VL); optional trailing channels C (e.g. head-mean key vectors) are carried
+        along. Returns one float tensor [item.length, *C] per item, NaN at structural tokens (newlines, CLS).
         """
 
     @property
@@ -129,7 +132,17 @@ class Adapter(ABC):
             attn_implementation=self.attn_implementation,
             supports_compact_positions=self.supports_compact_positions,
             supports_vision_stage=self.supports_vision_stage,
+            supports_projector_stage=self.supports_projector_stage,
+            vision_full_attention_layers=self.full_attention_layers(),
         )
+
+    def full_attention_layers(self) -> tuple[int, ...]:
+        """Vision layers whose attention spans a whole image / tile / frame (all of them for CLIP / SigLIP)."""
+        return tuple(range(len(self.vision_layers)))
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.base.multi_modal_projector
 
     # ---------------------------------------------------------------------------------------- helpers
     def _attn_impl(self) -> str:
@@ -174,10 +187,10 @@ class ViTTowerAdapter(Adapter):
 
 
 def interleave_structural(values: torch.Tensor, shape: ItemShape) -> torch.Tensor:
-    """Place per-content-token `values` [n_content] (raster order of the parts) into an item-long vector.
+    """Place per-content-token `values` [n_content, *C] (raster order of the parts) into an item-long tensor.
 
-    Structural tokens get NaN. Returns float32 [shape.length].
+    Structural tokens get NaN. Returns float32 [shape.length, *C].
     """
-    out = torch.full((shape.length,), float("nan"), dtype=torch.float32, device=values.device)
+    out = torch.full((shape.length, *values.shape[1:]), float("nan"), dtype=torch.float32, device=values.device)
     out[shape.content_mask().to(values.device)] = values.float()
     return out

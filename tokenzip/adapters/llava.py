@@ -17,6 +17,7 @@ class LlavaAdapter(ViTTowerAdapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     supports_vision_stage = True
+    supports_projector_stage = True
     vision_has_cls = True
 
     @property

@@ -113,9 +113,11 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
         out = []
         for i, shape in enumerate(shapes):
             s, e = shape.vision_rows
-            rows = scores[s:e].float().unsqueeze(-1)  # [tiles or frames, g*g, 1]
+            block = scores[s:e].float()
+            channels = block.shape[2:]
+            rows = block.reshape(block.shape[0], block.shape[1], -1)  # [tiles or frames, g*g, C]
             if modality == "video":
-                packed = self.base.apply_pooling(rows).reshape(-1)
+                packed = self.base.apply_pooling(rows).reshape(-1, *channels)
             else:
                 packed_list, _ = self.base.pack_image_features(
                     [rows],
@@ -123,6 +125,6 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
                     image_newline=None,
                     vision_aspect_ratio=self._aspect(arguments),
                 )
-                packed = packed_list[0].reshape(-1)
+                packed = packed_list[0].reshape(-1, *channels)
             out.append(interleave_structural(packed, shape))
         return out

@@ -42,7 +42,7 @@ class Qwen25VLAdapter(Adapter):
     def vision_feature_layer(self) -> int | None:
         return len(self.vision_layers) - 1
 
-    def fullatt_blocks(self) -> tuple[int, ...]:
+    def full_attention_layers(self) -> tuple[int, ...]:
         return tuple(self.config.vision_config.fullatt_block_indexes)
 
     def _grids(self, modality: str, arguments: dict[str, Any]) -> torch.Tensor:
@@ -54,7 +54,9 @@ class Qwen25VLAdapter(Adapter):
         shapes, start = [], 0
         for t, h, w in self._grids(modality, arguments).tolist():
             n = t * h * w
-            shapes.append(ItemShape(modality, (GridPart(0, t, h // m, w // m),), vision_rows=(start, start + n)))
+            window = torch.argsort(self.raster_order((t, h, w)))
+            part = GridPart(0, t, h // m, w // m)
+            shapes.append(ItemShape(modality, (part,), vision_rows=(start, start + n), window_order=window))
             start += n
         return shapes
 
@@ -78,7 +80,8 @@ class Qwen25VLAdapter(Adapter):
         out = []
         for shape, grid in zip(shapes, self._grids(modality, arguments).tolist()):
             s, e = shape.vision_rows
-            merged = scores[s:e].float().view(-1, unit).mean(1)  # window order, one value per 2x2 unit
+            block = scores[s:e].float()
+            merged = block.view(-1, unit, *block.shape[1:]).mean(1)  # window order, one value per 2x2 unit
             raster = merged[self.raster_order(tuple(grid)).to(merged.device)]
             out.append(interleave_structural(raster, shape))
         return out

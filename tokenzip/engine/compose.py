@@ -25,17 +25,21 @@ def compose_prompt(
     overrides: list[tuple[int, int, torch.Tensor]] = []
     cursor, out_len = 0, 0
     for item, sel in zip(items, selections):
-        text = valid[cursor : item.start].nonzero().flatten() + cursor
+        window = item.start + sel.offset
+        text = valid[cursor:window].nonzero().flatten() + cursor
         pieces.append(text)
         out_len += text.numel()
         local = sel.keep.to(device).long()
         order = torch.arange(local.numel(), device=device)
         if not sel.ordered:
             local, order = torch.sort(local)
-        pieces.append(local + item.start)
+        pieces.append(local + window)
         if sel.values is not None:
             overrides.append((out_len, local.numel(), sel.values[order.to(sel.values.device)]))
         out_len += local.numel()
+        tail = torch.arange(window + item.length, item.start + item.length, device=device)
+        pieces.append(tail)
+        out_len += tail.numel()
         cursor = item.start + item.length
     pieces.append(valid[cursor:].nonzero().flatten() + cursor)
     return torch.cat(pieces), overrides

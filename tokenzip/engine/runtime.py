@@ -26,16 +26,27 @@ from transformers import DynamicCache
 
 from ..adapters.base import SUPPORTED_ATTENTION, Adapter
 from ..budget import Keep, is_passthrough
-from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selection, VisionStageContext
+from ..contexts import (
+    DecodeContext,
+    LLMStageContext,
+    Plan,
+    PreLLMItem,
+    ProjectorInputContext,
+    Selection,
+    VisionStageContext,
+)
 from ..errors import TokenzipError, UnsupportedInputError, UnsupportedModelError
 from ..items import ItemsOfBatch, locate_items
 from ..ops.gather import gather_seq
 from ..signals.attention import (
     decoder_attention_received,
     decoder_attention_rows,
+    decoder_head_mean_keys,
     encoder_attention_received,
     encoder_attention_rows,
+    encoder_head_mean_keys,
     qwen_vision_attention_received,
+    qwen_vision_head_mean_keys,
 )
 from .compose import compose_prompt, compose_slots
 from .layout import Layout, compact_positions, gather_hidden, take
@@ -57,6 +68,19 @@ from .vision import encoder_padding_mask, expand_features, pad_rows, scatter_sig
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _kept_record(sel: Selection, item) -> tuple[torch.Tensor, int]:
+    """(item-local indices of the real tokens a pre-LLM selection keeps, in sequence order; zero rows added).
+
+    With a window offset the index -1 is the token before the run; the run's uncovered tail is always kept.
+    """
+    keep = sel.keep.cpu().long()
+    if not sel.ordered:
+        keep = torch.sort(keep).values
+    real = keep[: keep.numel() - sel.padding] + sel.offset
+    tail = torch.arange(item.length + sel.offset, item.length)
+    return torch.cat([real, tail]), sel.padding
 
 
 def _pixel_key(pixels: torch.Tensor) -> int:
@@ -121,8 +145,12 @@ class Runtime:
                 raise TokenzipError(f"{self.policy.name}: vision signal layer {sig.layer} is outside 0..{n_vis - 1}")
             if sig.kind == "cls" and not self.info.vision_has_cls:
                 raise UnsupportedModelError(f"{self.info.family}'s vision tower has no CLS token ('cls' signal)")
-            if sig.kind not in ("cls", "received"):
-                raise TokenzipError(f"unknown vision signal {sig.kind!r}")
+            if sig.kind not in ("cls", "received", "keys"):
+                raise TokenzipError(f"unknown vision signal {sig.kind!r}; known: received, cls, keys")
+        if plan.projector_input and not self.info.supports_projector_stage:
+            raise UnsupportedModelError(
+                f"{self.policy.name}: a projector-input stage is not supported on {self.info.family}; use pre_llm"
+            )
         return plan
 
     def install(self) -> None:
@@ -141,6 +169,11 @@ class Runtime:
         for sig in plan.vision_signals:
             attn = adapter.vision_attention(sig.layer)
             self.handles.append(attn.register_forward_pre_hook(self._vision_signal_hook(sig), with_kwargs=True))
+        if plan.projector_input:
+            feature = adapter.vision_layers[self.info.vision_feature_layer]
+            self.handles.append(feature.register_forward_hook(self._feature_layer_hook))
+            self.handles.append(adapter.projector.register_forward_pre_hook(self._projector_pre))
+            self.handles.append(adapter.projector.register_forward_hook(self._projector_post))
         if plan.vision_layer is not None:
             for i, layer in enumerate(adapter.vision_layers):
                 if i >= plan.vision_layer:
@@ -186,11 +219,23 @@ class Runtime:
         call = VisionCall(
             capture.modality, arguments, shapes, capture.signals, seconds=capture.seconds, kept_rows=capture.kept_rows
         )
+        strategy = arguments.get("vision_feature_select_strategy") or getattr(
+            self.model.config, "vision_feature_select_strategy", "full"
+        )
+        dropped = 1 if strategy == "default" else 0
         if stage is not None:
-            dropped = 1 if getattr(self.model.config, "vision_feature_select_strategy", "full") == "default" else 0
             full, available = expand_features(list(out.pooler_output), stage.slots, stage.valid, shapes, dropped)
             out.pooler_output = type(out.pooler_output)(full) if isinstance(out.pooler_output, tuple) else full
             call.available = available
+        if capture.projected is not None:
+            call.overrides = [
+                Selection(
+                    (capture.projected_reps[shape.vision_rows[0]] - dropped).clamp_min(0),
+                    capture.projected[shape.vision_rows[0]],
+                    ordered=True,
+                )
+                for shape in shapes
+            ]
         self.pending[capture.modality].append(call)
 
     def _vision_signal_hook(self, sig):
@@ -203,12 +248,17 @@ class Runtime:
             hidden = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
                 if kind == "qwen":
-                    cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-                    scores = qwen_vision_attention_received(module, hidden, cu, kwargs["position_embeddings"])
+                    if sig.kind == "keys":
+                        scores = qwen_vision_head_mean_keys(module, hidden)
+                    else:
+                        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+                        scores = qwen_vision_attention_received(module, hidden, cu, kwargs["position_embeddings"])
                 else:
                     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
                     if sig.kind == "cls":
                         scores = encoder_attention_rows(module, hidden, slice(0, 1), mask)[:, 0]
+                    elif sig.kind == "keys":
+                        scores = encoder_head_mean_keys(module, hidden)
                     else:
                         scores = encoder_attention_received(module, hidden, mask)
                     if capture.stage is not None:
@@ -266,6 +316,52 @@ class Runtime:
             return args, kwargs
 
         return hook
+
+    def _feature_layer_hook(self, module, args, output):
+        capture = self._call
+        if capture is not None:
+            capture.feature_out = output[0] if isinstance(output, tuple) else output
+        return None
+
+    def _projector_pre(self, module, args):
+        capture = self._call
+        if capture is None or capture.feature_out is None:
+            return None
+        features = args[0]
+        hidden = capture.feature_out
+        _sync(hidden.device)
+        start = time.perf_counter()
+        pixels = capture.arguments[1].get("pixel_values", capture.arguments[0][0] if capture.arguments[0] else None)
+        keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
+        ctx = ProjectorInputContext(hidden, dict(capture.signals), self.keep, keys, self.info.vision_has_cls)
+        with torch.no_grad():
+            selections = self.policy.select_projector_input(ctx)
+        rows, reps = [], []
+        for r, sel in enumerate(selections):
+            keep = sel.keep.to(hidden.device).long()
+            values = hidden[r, keep] if sel.values is None else sel.values.to(hidden.device, hidden.dtype)
+            if not sel.ordered:
+                keep, order = torch.sort(keep)
+                values = values[order]
+            rows.append(values)
+            reps.append(keep.cpu())
+        width = max(v.shape[0] for v in rows)
+        padded = hidden.new_zeros(len(rows), width, hidden.shape[-1])
+        for r, values in enumerate(rows):
+            padded[r, : values.shape[0]] = values
+        capture.projected_reps = reps
+        capture.projector_shape = (features.shape[0], features.shape[1])
+        _sync(hidden.device)
+        capture.seconds += time.perf_counter() - start
+        return (padded, *args[1:])
+
+    def _projector_post(self, module, args, output):
+        capture = self._call
+        if capture is None or capture.projected_reps is None:
+            return None
+        capture.projected = [output[r, : reps.numel()] for r, reps in enumerate(capture.projected_reps)]
+        rows, length = capture.projector_shape
+        return output.new_zeros(rows, length, output.shape[-1])  # the model's own count; replaced at the LLM input
 
     def _replayed_vision(self, modality: str, rows: int) -> list[torch.Tensor]:
         calls = self.replaying.vision.get(modality, [])
@@ -423,17 +519,18 @@ class Runtime:
 
         self._new_decisions(st, batch, length, calls)
         available = self._available(flat)
-        pruned_in_tower = any(a is not None for a in available.values())
+        overrides = self._overrides(flat)
+        pruned_in_tower = any(a is not None for a in available.values()) or bool(overrides)
         if not (self.plan.pre_llm or pruned_in_tower):
             st.layout0 = orig
-            st.item_kept = [[torch.arange(it.length) for it in items] for items in st.items.per_sample]
+            st.item_kept = [[(torch.arange(it.length), 0) for it in items] for items in st.items.per_sample]
             self._start_layers(st)
             return None
 
         _sync(device)
         start = time.perf_counter()
         signals = self._item_signals(flat)
-        keep_lists, overrides, item_kept = [], [], []
+        keep_lists, writes, item_kept = [], [], []
         replay = self.replaying.pre_llm if self.replaying is not None else None
         for b, items in enumerate(st.items.per_sample):
             selections = []
@@ -442,6 +539,8 @@ class Runtime:
                 avail = torch.arange(it.length) if avail is None else avail
                 if replay is not None:
                     sel = replay[b][j]
+                elif (it.modality, it.index_in_modality) in overrides:
+                    sel = overrides[(it.modality, it.index_in_modality)]
                 elif self.plan.pre_llm:
                     ctx = PreLLMItem(
                         it,
@@ -449,6 +548,7 @@ class Runtime:
                         avail,
                         self.keep,
                         signals.get((it.modality, it.index_in_modality), {}),
+                        embeds[b, it.start - 1] if it.start > 0 else None,
                     )
                     with torch.no_grad():
                         sel = self.policy.select_pre_llm(ctx)
@@ -459,10 +559,8 @@ class Runtime:
                 self.decisions.pre_llm = (self.decisions.pre_llm or []) + [selections]
             kept, over = compose_prompt(valid[b], items, selections)
             keep_lists.append(kept)
-            overrides.append(over)
-            item_kept.append(
-                [torch.sort(s.keep.cpu().long()).values if not s.ordered else s.keep.cpu().long() for s in selections]
-            )
+            writes.append(over)
+            item_kept.append([_kept_record(sel, it) for sel, it in zip(selections, items, strict=True)])
         layout0, index = take(orig, keep_lists)
         if self.positions == "compact":
             layout0.positions = compact_positions(
@@ -470,7 +568,7 @@ class Runtime:
             )
         new_embeds = gather_hidden(embeds, index, layout0.valid)
         width = layout0.length
-        for b, over in enumerate(overrides):
+        for b, over in enumerate(writes):
             pad = width - int(keep_lists[b].numel())
             for offset, count, values in over:
                 new_embeds[b, pad + offset : pad + offset + count] = values.to(new_embeds.dtype)
@@ -505,6 +603,15 @@ class Runtime:
             (m, k): (None if call.available is None else call.available[j])
             for m, entries in flat.items()
             for k, (call, j) in enumerate(entries)
+        }
+
+    @staticmethod
+    def _overrides(flat) -> dict[tuple[str, int], Selection]:
+        return {
+            (m, k): call.overrides[j]
+            for m, entries in flat.items()
+            for k, (call, j) in enumerate(entries)
+            if call.overrides is not None
         }
 
     def _item_signals(self, flat) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
@@ -646,7 +753,7 @@ class Runtime:
         rec = self.replaying
         evicted = layout.valid & layout.visual
         for b, kept in enumerate(rec.decode[index]):
-            evicted[b] &= ~torch.isin(layout.orig[b], kept.to(layout.orig.device))
+            evicted[b] &= ~torch.isin(layout.lm_src[b], kept.to(layout.lm_src.device))
         late = layout.orig >= rec.prompt_len  # [B, L] queries generated after the recorded prompt
         n = layout.length
         keep = torch.ones(n, n, dtype=torch.bool, device=layout.valid.device).tril()[None] & layout.valid[:, None, :]
@@ -699,17 +806,31 @@ class Runtime:
                 stage_kw["attention_mask"],
             )
 
+        def head_mean_keys() -> torch.Tensor:
+            if "normed" not in normed_cache:
+                normed_cache["normed"] = layer.input_layernorm(hidden)
+            return decoder_head_mean_keys(layer.self_attn, normed_cache["normed"], stage_kw["position_embeddings"])
+
         if self.replaying is not None:
             selections = [self._replayed_selection(prev, b, *rec) for b, rec in enumerate(self.replaying.llm[index])]
         else:
             ctx = LLMStageContext(
-                index, self.info, hidden, prev, st.items, self.keep, st.signals, attention_received, self._sample_keys()
+                index,
+                self.info,
+                hidden,
+                prev,
+                st.items,
+                self.keep,
+                st.signals,
+                attention_received,
+                self._sample_keys(),
+                head_mean_keys,
             )
             with torch.no_grad():
                 selections = self.policy.select_llm(ctx)
             if self.decisions is not None:
                 self.decisions.llm[index] = [
-                    (prev.orig[b][sel.keep.to(prev.orig.device)].cpu(), sel.values, sel.ordered)
+                    (prev.lm_src[b][sel.keep.to(prev.lm_src.device)].cpu(), sel.values, sel.ordered)
                     for b, sel in enumerate(selections)
                 ]
         keep_lists, value_lists = [], []
@@ -734,10 +855,10 @@ class Runtime:
         return new_hidden
 
     @staticmethod
-    def _replayed_selection(layout: Layout, b: int, orig: torch.Tensor, values, ordered: bool) -> Selection:
-        """The slots of `layout` (sample b) holding the recorded original positions, in recorded order."""
+    def _replayed_selection(layout: Layout, b: int, recorded: torch.Tensor, values, ordered: bool) -> Selection:
+        """The slots of `layout` (sample b) holding the recorded LLM-input slots, in recorded order."""
         slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
-        match = layout.orig[b][slots][None, :] == orig.to(slots.device)[:, None]  # [n_rec, n_slots]
+        match = layout.lm_src[b][slots][None, :] == recorded.to(slots.device)[:, None]  # [n_rec, n_slots]
         if not bool(match.any(1).all()):
             raise UnsupportedInputError("replay: a recorded token is missing from this prefill")
         return Selection(slots[match.float().argmax(1)], values, ordered)
@@ -772,7 +893,7 @@ class Runtime:
             prev = st.layer_layouts[layer]
             if self.decisions is not None and self.replaying is None:
                 self.decisions.decode[layer] = [
-                    prev.orig[b][sel.keep.to(prev.orig.device)].cpu() for b, sel in enumerate(selections)
+                    prev.lm_src[b][sel.keep.to(prev.lm_src.device)].cpu() for b, sel in enumerate(selections)
                 ]
             keep_lists = [
                 compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)[0] for b, sel in enumerate(selections)
@@ -803,10 +924,9 @@ class Runtime:
         for b, items in enumerate(st.items.per_sample):
             records = []
             for j, it in enumerate(items):
-                kept_idx = st.item_kept[b][j] if st.item_kept else torch.arange(it.length)
+                kept_idx, padded = st.item_kept[b][j] if st.item_kept else (torch.arange(it.length), 0)
                 content = it.shape.content_mask()
-                records.append(
-                    ItemRecord(it.modality, it.length, it.shape.n_content, int(content[kept_idx].sum()), kept_idx)
-                )
+                n_content = int(content[kept_idx[kept_idx >= 0]].sum())
+                records.append(ItemRecord(it.modality, it.length, it.shape.n_content, n_content, kept_idx, padded))
             samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
         self.stats.history.append(ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds)))

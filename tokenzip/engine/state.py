@@ -27,6 +27,7 @@ class VisionCall:
     available: list[torch.Tensor] | None = None
     seconds: float = 0.0
     kept_rows: list[torch.Tensor] | None = None
+    overrides: list[Any] | None = None  # per item: `Selection` replacing its tokens (projector-input stage)
 
 
 @dataclass
@@ -49,6 +50,10 @@ class CallCapture:
     stage: VisionStageState | None = None
     seconds: float = 0.0
     kept_rows: list[torch.Tensor] | None = None  # vision-stage decision per row (for replay)
+    feature_out: torch.Tensor | None = None  # output of the vision feature layer (projector-input stage)
+    projected_reps: list[torch.Tensor] | None = None  # per row: tower token each projected token stands for
+    projector_shape: tuple[int, int] | None = None
+    projected: list[torch.Tensor] | None = None  # per row: projected tokens [n, D]
 
 
 @dataclass
@@ -73,7 +78,7 @@ class ForwardState:
     tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
     lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
     seconds: dict[str, float] = field(default_factory=dict)
-    item_kept: list[list[torch.Tensor]] = field(default_factory=list)
+    item_kept: list[list[tuple[torch.Tensor, int]]] = field(default_factory=list)
     step_cache: dict = field(default_factory=dict)
 
 
@@ -84,8 +89,9 @@ class ItemRecord:
     modality: str
     tokens: int  # placeholder tokens (structural included)
     content: int  # grid tokens (what keep is counted on)
-    kept: int  # content tokens entering the LLM
-    kept_indices: torch.Tensor  # item-local indices entering the LLM (structural included), in sequence order
+    kept: int  # real content tokens entering the LLM
+    kept_indices: torch.Tensor  # item-local indices of the real tokens entering the LLM, in sequence order
+    padded: int = 0  # zero rows a policy appended in place of missing tokens (they enter the LLM too)
 
 
 @dataclass
@@ -150,8 +156,11 @@ class Decisions:
 
     vision:  modality -> per feature call -> per tower row, kept token indices (CLS included).
     pre_llm: per sample -> per item, the `Selection` (item-local indices).
-    llm:     layer -> per sample (kept original prompt positions of visual tokens [n], values or None, ordered).
-    decode:  layer -> per sample, original prompt positions of the visual tokens kept in that layer's cache.
+    llm:     layer -> per sample (kept LLM-input slots of visual tokens [n], values or None, ordered).
+    decode:  layer -> per sample, LLM-input slots of the visual tokens kept in that layer's cache.
+
+    LLM-input slots (the layout after the pre-LLM stage) are unique per token and unchanged when a prompt is
+    extended at its end, so they identify tokens across the recorded and the replaying prefill.
     """
 
     batch: int

@@ -74,8 +74,10 @@ def expand_features(
 
 
 def scatter_signal(scores: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, full_length: int) -> torch.Tensor:
-    """Scores [R, W] of a pruned tower row placed back at their original token index; NaN elsewhere: [R, T]."""
-    out = torch.full((scores.shape[0], full_length), float("nan"), dtype=torch.float32, device=scores.device)
+    """Scores [R, W, *C] of pruned tower rows placed back at their original token index; NaN elsewhere:
+    [R, T, *C]."""
+    shape = (scores.shape[0], full_length, *scores.shape[2:])
+    out = torch.full(shape, float("nan"), dtype=torch.float32, device=scores.device)
     rows, cols = valid.nonzero(as_tuple=True)
     out[rows, slots[rows, cols]] = scores[rows, cols].float()
     return out

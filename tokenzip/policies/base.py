@@ -8,7 +8,15 @@ import torch
 
 from ..adapters.base import ModelInfo
 from ..budget import Keep
-from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selection, VisionStageContext
+from ..contexts import (
+    DecodeContext,
+    LLMStageContext,
+    Plan,
+    PreLLMItem,
+    ProjectorInputContext,
+    Selection,
+    VisionStageContext,
+)
 from ..errors import PolicyOptionError
 
 
@@ -46,6 +54,10 @@ class Policy:
     def select_vision(self, ctx: VisionStageContext) -> list[torch.Tensor]:
         """Per vision row: kept patch indices (0-based, CLS excluded; CLS is always kept)."""
         raise NotImplementedError(f"policy {self.name!r} has no vision stage")
+
+    def select_projector_input(self, ctx: ProjectorInputContext) -> list[Selection]:
+        """Per image row: the feature-layer tokens (0 = CLS) that enter the projector, values in vision space."""
+        raise NotImplementedError(f"policy {self.name!r} has no projector-input stage")
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         """For one item: the item-local token indices (structural tokens included) that enter the LLM."""

@@ -4,16 +4,22 @@ from .attention import (
     as_keep_mask,
     decoder_attention_received,
     decoder_attention_rows,
+    decoder_head_mean_keys,
     encoder_attention_received,
     encoder_attention_rows,
+    encoder_head_mean_keys,
     qwen_vision_attention_received,
+    qwen_vision_head_mean_keys,
 )
 
 __all__ = [
     "as_keep_mask",
     "decoder_attention_received",
     "decoder_attention_rows",
+    "decoder_head_mean_keys",
     "encoder_attention_received",
     "encoder_attention_rows",
+    "encoder_head_mean_keys",
     "qwen_vision_attention_received",
+    "qwen_vision_head_mean_keys",
 ]

@@ -112,6 +112,12 @@ def encoder_attention_received(
     return total / n_queries.clamp_min(1.0)
 
 
+def encoder_head_mean_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Key vectors of a CLIP / SigLIP layer averaged over heads: [B, N, head_dim] (float32)."""
+    b, n, _ = hidden_states.shape
+    return attn.k_proj(hidden_states).view(b, n, attn.num_heads, attn.head_dim).float().mean(2)
+
+
 # ------------------------------------------------------------------------------------------ Qwen2.5-VL vision
 def qwen_vision_qk(attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings):
     """Post-RoPE queries and keys [H, N, hd] of a Qwen2.5-VL vision attention module (float32)."""
@@ -123,6 +129,13 @@ def qwen_vision_qk(attn: torch.nn.Module, hidden_states: torch.Tensor, position_
     q = (q * cos) + (_rotate_half(q) * sin)
     k = (k * cos) + (_rotate_half(k) * sin)
     return q.transpose(0, 1), k.transpose(0, 1)
+
+
+def qwen_vision_head_mean_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Key vectors of a Qwen2.5-VL vision block before its 2-D RoPE, averaged over heads: [N, head_dim]."""
+    n = hidden_states.shape[0]
+    k = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1)[:, 1]
+    return k.float().mean(1)
 
 
 def qwen_vision_attention_received(
@@ -186,6 +199,17 @@ def decoder_qk(
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
     return q, k
+
+
+def decoder_head_mean_keys(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Post-RoPE key vectors of a decoder layer averaged over its (KV) heads: [B, L, head_dim] (float32).
+
+    With GQA every KV head serves the same number of query heads, so this equals the mean over query heads.
+    """
+    _, k = decoder_qk(attn, hidden_states, position_embeddings, torch.zeros(0, dtype=torch.long))
+    return k.float().mean(1)
 
 
 def _decoder_keep(attention_mask, rows: torch.Tensor, n: int, device) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""HiPrune (arXiv 2508.00553; official code Danielement321/HiPrune @ 6e83a12), training-free, pre-LLM.
+
+Vision-encoder attention at two depths: a middle "object" layer picks k_a = round(K * alpha / 5) anchors, each
+with its four grid neighbours as buffers; the deep (feature) layer fills the remaining budget with "register"
+tokens. Kept tokens stay in raster order. Scores are the mean attention each token receives (over heads and
+all queries of its attention segment), recomputed from captured q/k; never eager attention.
+
+Per family (see the spec for the full table):
+
+* LLaVA-1.5 (official family, `compat="official"`): flat-index neighbours (+-1 wraps across rows, indices
+  clamped to the grid), candidates excluded from the register top-k by subtracting 1, compact positions.
+* Qwen2.5-VL (`compat="fixed"` by default): scores of the merged 2x2 units in raster order, true 2-D
+  neighbours, candidates masked out, column *mean*; `compat="official"` restores flat neighbours, the
+  subtract-1 exclusion and the released column *sum* (mean x segment length). Original M-RoPE positions.
+* LLaVA-OneVision (tokenzip adaptation, fixed): the base grid and the packed high-resolution grid are
+  selected separately (K split in proportion to their sizes), newline tokens dropped by default; videos per
+  frame (K split evenly, the first K mod F frames get one more), the trailing newline kept.
+
+`object_layer` is 1-based, as the official HIPRUNE_OBJECT_LAYER (9 for CLIP ViT-L/14's 24 layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep
+from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
+from ..errors import PolicyOptionError
+from ..ops.topk import topk_stable
+from .base import Policy
+from .common import NEWLINE_MODES, structural_to_keep
+from .registry import register
+from .units import grid_units, proportional_two, split_evenly
+
+
+def grid_neighbours(anchors: torch.Tensor, n: int, width: int, mode: str) -> torch.Tensor:
+    """Anchors and their four neighbours on an n-token raster grid of the given width (unique, unsorted).
+
+    mode "flat" (official): a-1, a+1, a-width, a+width clamped to [0, n-1] (+-1 wraps across row ends);
+    mode "grid": true 2-D neighbours, those outside the grid discarded.
+    """
+    if mode == "flat":
+        cand = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
+        return torch.unique(cand)
+    col = anchors % width
+    pieces = [
+        anchors,
+        (anchors - 1)[col > 0],
+        (anchors + 1)[(col < width - 1) & (anchors + 1 < n)],
+        (anchors - width)[anchors - width >= 0],
+        (anchors + width)[anchors + width < n],
+    ]
+    return torch.unique(torch.cat(pieces))
+
+
+def hiprune_select(
+    s_obj: torch.Tensor,
+    s_deep: torch.Tensor,
+    budget: int,
+    alpha: float,
+    width: int,
+    neighbors: str = "flat",
+    exclude: str = "minus_one",
+) -> torch.Tensor:
+    """HiPrune's selection on one grid: kept indices, ascending (raster order).
+
+    s_obj, s_deep: float [N] object-layer and deep-layer scores; budget: K; width: grid width.
+    k_a = round(K * alpha / 5) anchors (Python round, ties to even) by s_obj, plus neighbours (`neighbors`);
+    registers = top (K - |candidates|) of s_deep with candidates excluded (`exclude`: "minus_one" subtracts 1
+    as the official code, "mask" sets -inf). When candidates alone exceed K, the K best candidates by s_obj
+    are kept (the official code crashes). Ties resolve to the lower index. With "minus_one" and scores not in
+    [0, 1), registers may re-select candidates and fewer than K tokens result (official behaviour).
+    """
+    n = s_obj.numel()
+    k_anchor = round(budget * alpha / 5)
+    anchors = topk_stable(s_obj, k_anchor)
+    candidates = grid_neighbours(anchors, n, width, neighbors) if anchors.numel() else anchors
+    k_registers = budget - candidates.numel()
+    if k_registers < 0:
+        return torch.sort(candidates[topk_stable(s_obj[candidates], budget)]).values
+    deep = s_deep.detach().float().clone()
+    if exclude == "minus_one":
+        deep[candidates] -= 1
+    else:
+        deep[candidates] = float("-inf")
+    registers = topk_stable(deep, k_registers)
+    return torch.unique(torch.cat([candidates, registers]))  # sorted ascending
+
+
+def default_layers(info: ModelInfo) -> tuple[int, int]:
+    """(object, deep) 0-based vision layers: the spec's per-family defaults, scaled for other depths."""
+    n = info.n_vision_layers
+    if info.family == "qwen2_5_vl":
+        full = info.vision_full_attention_layers
+        return (full[len(full) // 2 - 1] if len(full) >= 2 else full[0]), n - 1
+    deep = info.vision_feature_layer if info.vision_feature_layer is not None else n - 1
+    return max(0, round(n * 9 / 24) - 1), deep
+
+
+COMPAT = {"official": ("flat", "minus_one"), "fixed": ("grid", "mask")}
+
+
+@register
+class HiPrunePolicy(Policy):
+    name = "hiprune"
+    description = "HiPrune: anchors + grid buffers from a middle ViT layer, registers from the deep layer (pre-LLM)."
+    defaults: ClassVar[dict[str, Any]] = {
+        "alpha": 0.1,
+        "object_layer": None,
+        "compat": None,
+        "neighbors": None,
+        "exclude": None,
+        "newlines": "drop",
+    }
+
+    def validate(self) -> None:
+        alpha = self.options["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+            raise PolicyOptionError(f"hiprune: alpha must be a number >= 0, got {alpha!r}")
+        self._check_int("object_layer", 1, allow_none=True)
+        for option, allowed in (
+            ("compat", (None, "official", "fixed")),
+            ("neighbors", (None, "flat", "grid")),
+            ("exclude", (None, "minus_one", "mask")),
+            ("newlines", NEWLINE_MODES),
+        ):
+            self._check_choice(option, allowed)
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        obj, deep = default_layers(info)
+        if self.options["object_layer"] is not None:
+            obj = self.options["object_layer"] - 1
+            if obj >= info.n_vision_layers:
+                raise PolicyOptionError(
+                    f"hiprune: object_layer={obj + 1} but the vision tower has {info.n_vision_layers} layers"
+                )
+            if info.family == "qwen2_5_vl" and obj not in info.vision_full_attention_layers:
+                warnings.warn(
+                    f"hiprune: Qwen2.5-VL vision block {obj} uses windowed attention; its scores are computed "
+                    "inside the windows (full-attention blocks: "
+                    f"{list(info.vision_full_attention_layers)})",
+                    stacklevel=2,
+                )
+        self._info, self._layers = info, (obj, deep)
+        signals = (VisionSignal("received", obj), VisionSignal("received", deep))
+        return Plan(pre_llm=True, vision_signals=tuple(dict.fromkeys(signals)))
+
+    def compat(self) -> str:
+        if self.options["compat"] is not None:
+            return self.options["compat"]
+        return "official" if self._info.family == "llava" else "fixed"
+
+    def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
+        mode = self.compat()
+        neighbors = self.options["neighbors"] or COMPAT[mode][0]
+        exclude = self.options["exclude"] or COMPAT[mode][1]
+        obj, deep = self._layers
+        s_obj = ctx.signals[VisionSignal("received", obj).key]
+        s_deep = ctx.signals[VisionSignal("received", deep).key]
+        if self._info.family == "qwen2_5_vl" and mode == "official":
+            segment = 4 * ctx.item.shape.parts[0].rows * ctx.item.shape.parts[0].cols  # patches per slice
+            s_obj, s_deep = s_obj * segment, s_deep * segment
+        units = grid_units(ctx.item.shape)
+        budget = ctx.budget
+        if ctx.item.modality == "video" or len(units) == 1:
+            shares = split_evenly(budget, len(units))
+        else:  # anyres: base grid, then the packed high-resolution grid
+            shares = list(proportional_two(budget, units[0].size, units[1].size))
+        kept = []
+        for unit, share in zip(units, shares, strict=True):
+            if share <= 0:
+                continue
+            cells = unit.cells.to(s_obj.device)
+            local = hiprune_select(
+                s_obj[cells], s_deep[cells], share, self.options["alpha"], unit.cols, neighbors, exclude
+            )
+            kept.append(cells[local])
+        content = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+        extra = structural_to_keep(ctx.item.shape, content.cpu(), self.options["newlines"])
+        return Selection(torch.cat([content.cpu(), extra]))

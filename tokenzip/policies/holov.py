@@ -1,0 +1,226 @@
+"""HoloV (arXiv 2510.02912, NeurIPS 2025; official code obananas/HoloV @ 1d2e65e), training-free, pre-LLM.
+
+The visual tokens, in the order they enter the LLM, are cut into C contiguous chunks ("crops"). Each crop's
+share of the budget comes from a holistic score: 1000 x attention plus beta x gamma x the variance of the
+tokens' cosine similarities inside the crop. Inside a crop the tokens with the highest raw attention are kept,
+in descending-attention order; crops are emitted in order (the output is not re-sorted spatially).
+
+Per family:
+
+* LLaVA-1.5 (official family, `compat="official"`): attention = the CLS query's row at the feature layer
+  (patch keys), features = projector outputs; a crop whose share exceeds its size keeps all its tokens and the
+  shortfall is filled with zero rows (`patch.stats` reports them as `padded`). Compact positions.
+* Qwen2.5-VL (`compat="fixed"` by default): attention = mean received at the last vision block, pooled per 2x2
+  unit in raster order; K = round(N * keep); the shortfall is redistributed over unsaturated crops; original
+  M-RoPE positions. `compat="official"` reproduces the released code: scores left in the tower's window
+  order, K = int(N * keep), zero rows at the window's last position, and the window shifted to start at
+  `<|vision_start|>` (so that token can be pruned and the last image token is always kept).
+* LLaVA-OneVision (adaptation, fixed): mean received at the feature layer carried through the anyres packing;
+  one HoloV run over base + high-resolution tokens (newlines dropped, as HoloV's own LLaVA-NeXT path); a video
+  is one run over all its frames, its trailing newline kept.
+
+C = max(1, floor(16 N / (9 K))) capped at N (the paper's floor(1024 / K) at N = 576).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep
+from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
+from ..errors import PolicyOptionError
+from ..ops.topk import topk_stable
+from .base import Policy
+from .common import NEWLINE_MODES, structural_to_keep
+from .registry import register
+
+EPS = 1e-6
+
+
+def crop_sizes(n: int, crops: int) -> list[int]:
+    """Sizes of `crops` contiguous chunks of n tokens; the first n mod crops chunks get one extra token."""
+    base, extra = divmod(n, crops)
+    return [base + (1 if c < extra else 0) for c in range(crops)]
+
+
+def crop_count(n: int, k: int) -> int:
+    """HoloV's crop count: max(1, floor(16 n / (9 k))) (= int(1024/576 * n / k)), capped at n."""
+    return min(n, max(1, (16 * n) // (9 * k)))
+
+
+def crop_score(z: torch.Tensor, a: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean holistic score of one crop: mean(1000 a + beta * gamma * v) (float32 scalar).
+
+    z: [M, D] features, a: [M] attention. v = variance of each token's cosine similarities to the others (the
+    zeroed self-similarity included in the sum, divided by M - 1); gamma = mean|1000 a| / (mean|v| + 1e-6).
+    A crop of one token scores mean(a) unscaled.
+    """
+    m = z.shape[0]
+    if m <= 1:
+        return a.float().mean()
+    u = z.float() / (z.float().norm(dim=1, keepdim=True) + EPS)
+    sim = u @ u.T
+    sim = sim * (1 - torch.eye(m, device=z.device))
+    mean = sim.sum(1) / (m - 1)
+    var = ((sim - mean[:, None]) ** 2).sum(1) / (m - 1)
+    scaled = a.float() * 1e3
+    gamma = scaled.abs().mean() / (var.abs().mean() + EPS)
+    return (scaled + beta * gamma * var).mean()
+
+
+def crop_quotas(weights: torch.Tensor, budget: int) -> torch.Tensor:
+    """floor(w * K) per crop, then +1 for each of the top min(r, C) crops by w (r = what the floor left)."""
+    quotas = torch.floor(weights * budget).long()
+    remaining = budget - int(quotas.sum())
+    if remaining > 0:
+        quotas[topk_stable(weights, min(remaining, weights.numel()))] += 1
+    return quotas
+
+
+def redistribute(quotas: torch.Tensor, sizes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Move the surplus of saturated crops to unsaturated ones by weight (same floor / +1 rule), repeatedly."""
+    quotas = quotas.clone()
+    carry = 0
+    while True:
+        carry += int((quotas - sizes).clamp_min(0).sum())
+        quotas = torch.minimum(quotas, sizes)
+        open_crops = (quotas < sizes).nonzero().flatten()
+        if carry == 0 or open_crops.numel() == 0:
+            return quotas
+        w = weights[open_crops]
+        total = float(w.sum())
+        add = torch.floor(w / total * carry).long() if total > 0 else torch.zeros_like(open_crops)
+        rest = carry - int(add.sum())
+        quotas[open_crops] += add
+        bump = topk_stable(w, min(rest, open_crops.numel()))
+        quotas[open_crops[bump]] += 1
+        carry = rest - bump.numel()
+
+
+def holov_select(
+    features: torch.Tensor,
+    attention: torch.Tensor,
+    budget: int,
+    crops: int,
+    beta: float = 0.09,
+    shortfall: str = "zeros",
+) -> tuple[torch.Tensor, int]:
+    """HoloV's selection. Returns (kept indices in output order, number of zero rows to append).
+
+    features: [N, D]; attention: [N]; budget: K; crops: C. Output order: crop order, descending attention inside
+    a crop (ties -> lower index), whole saturated crops in original order. shortfall "zeros" (official) appends
+    K - kept zero rows; "redistribute" (fixed) re-splits saturated crops' surplus so min(K, N) real tokens are
+    kept.
+    """
+    n = attention.numel()
+    sizes_list = crop_sizes(n, crops)
+    sizes = torch.tensor(sizes_list)
+    starts = [0, *torch.tensor(sizes_list).cumsum(0).tolist()[:-1]]
+    scores = torch.stack(
+        [crop_score(features[s : s + m], attention[s : s + m], beta) for s, m in zip(starts, sizes_list, strict=True)]
+    )
+    weights = scores / (scores.sum() + EPS)
+    quotas = crop_quotas(weights, budget)
+    if shortfall == "redistribute":
+        quotas = redistribute(quotas, sizes, weights)
+    out = []
+    for c, (start, size) in enumerate(zip(starts, sizes_list, strict=True)):
+        q = int(quotas[c])
+        if q <= 0:
+            continue
+        if q >= size:
+            out.append(torch.arange(start, start + size))
+        else:
+            out.append(start + topk_stable(attention[start : start + size], q).cpu())
+    kept = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    kept = kept[:budget]
+    return kept, max(0, budget - kept.numel())
+
+
+@register
+class HoloVPolicy(Policy):
+    name = "holov"
+    description = "HoloV: crop-wise budgets from attention + feature variance, attention top-k per crop (pre-LLM)."
+    defaults: ClassVar[dict[str, Any]] = {
+        "beta": 0.09,
+        "crops": None,
+        "compat": None,
+        "shortfall": None,
+        "newlines": "drop",
+    }
+
+    def validate(self) -> None:
+        beta = self.options["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, int | float):
+            raise PolicyOptionError(f"holov: beta must be a number, got {beta!r}")
+        self._check_int("crops", 1, allow_none=True)
+        self._check_choice("compat", (None, "official", "fixed"))
+        self._check_choice("shortfall", (None, "zeros", "redistribute"))
+        self._check_choice("newlines", tuple(m for m in NEWLINE_MODES if m != "keep"))
+        if self.options["newlines"] == "keep_nonempty_rows" and self.options["shortfall"] == "zeros":
+            raise PolicyOptionError(
+                "holov: newlines='keep_nonempty_rows' re-sorts tokens; use shortfall='redistribute'"
+            )
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        self._info = info
+        if info.family == "llava":
+            signal = VisionSignal("cls", info.vision_feature_layer)
+        elif info.family == "qwen2_5_vl":
+            signal = VisionSignal("received", info.n_vision_layers - 1)
+        else:
+            signal = VisionSignal("received", info.vision_feature_layer)
+        self._signal = signal
+        return Plan(pre_llm=True, vision_signals=(signal,))
+
+    def compat(self) -> str:
+        if self.options["compat"] is not None:
+            return self.options["compat"]
+        return "official" if self._info.family == "llava" else "fixed"
+
+    def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
+        official = self.compat() == "official"
+        shortfall = self.options["shortfall"] or ("zeros" if official else "redistribute")
+        shape = ctx.item.shape
+        content = ctx.content_available  # item-local, sequence order (raster per grid, frames in order)
+        scores = ctx.signals[self._signal.key]
+        attention = scores[content.to(scores.device)]
+        features = ctx.embeds[content.to(ctx.embeds.device)]
+        n = content.numel()
+        qwen_official = official and self._info.family == "qwen2_5_vl"
+        budget = min(n, int(n * ctx.keep)) if qwen_official and isinstance(ctx.keep, float) else ctx.budget
+        budget = max(1, budget)
+        crops = min(n, self.options["crops"]) if self.options["crops"] else crop_count(n, budget)
+        if qwen_official:
+            return self._qwen_official(ctx, scores, budget, crops, shortfall)
+        kept, n_pad = holov_select(features, attention, budget, crops, self.options["beta"], shortfall)
+        local = content[kept]
+        extra = structural_to_keep(shape, local, self.options["newlines"])
+        if self.options["newlines"] == "keep_nonempty_rows":  # raster order, row newlines in place
+            return Selection(torch.cat([local, extra]))
+        # official order: kept tokens, structural tokens (a video's trailing newline), then zero rows standing
+        # at the last kept token's position
+        order = torch.cat([local, extra, local[-1:].expand(n_pad)])
+        if not n_pad:
+            return Selection(order, ordered=True)
+        values = ctx.embeds[order.to(ctx.embeds.device)].clone()
+        values[order.numel() - n_pad :] = 0
+        return Selection(order, values, ordered=True, padding=n_pad)
+
+    def _qwen_official(self, ctx: PreLLMItem, scores: torch.Tensor, budget: int, crops: int, shortfall: str):
+        """The released Qwen path: window-order scores over the window [<|vision_start|>, pad_0 .. pad_{N-2}]."""
+        shape = ctx.item.shape
+        if ctx.before is None:
+            raise PolicyOptionError("holov compat='official' on Qwen2.5-VL needs <|vision_start|> before the image")
+        raster = scores[torch.arange(shape.length).to(scores.device)]
+        window_scores = raster[shape.window_order.to(raster.device)] if shape.window_order is not None else raster
+        features = torch.cat([ctx.before[None], ctx.embeds[:-1]])  # the shifted window's embeddings
+        kept, n_pad = holov_select(features, window_scores, budget, crops, self.options["beta"], shortfall)
+        values = features[kept]
+        if n_pad:  # zero rows at position index -1 = the window's last element
+            values = torch.cat([values, features.new_zeros(n_pad, features.shape[-1])])
+            kept = torch.cat([kept, torch.full((n_pad,), shape.length - 1)])
+        return Selection(kept, values, ordered=True, padding=n_pad, offset=-1)
