@@ -20,6 +20,9 @@ POLICY_CASES = {
     "random-llm": {"stage": "llm"},
     "random-decode": {"stage": "decode", "layer": 4},
     "random-vision": {"stage": "vision", "layer": 1},
+    "hiprune": {},
+    "holov": {},
+    "visiondrop": {},
 }
 
 

@@ -150,7 +150,7 @@ def _selections(vlm, case, keep) -> tuple[list, dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", ["fastv", "pool", "random", "random-llm"])
+@pytest.mark.parametrize("case", ["fastv", "pool", "random", "random-llm", "hiprune", "holov", "visiondrop"])
 def test_sdpa_and_eager_select_the_same_tokens(family, case):
     sdpa = _selections(get_tiny(family, "sdpa"), case, 0.25)
     eager = _selections(get_tiny(family, "eager"), case, 0.25)

@@ -200,10 +200,10 @@ def test_compose_prompt_keeps_text_and_orders_items():
     shape = ItemShape("image", (GridPart(0, 1, 2, 2),))
     item = VisualItem(shape, 0, 2, 0, 0)
     valid = torch.tensor([False, True, True, True, True, True, True, True])
-    kept, overrides = compose_prompt(valid, [item], [Selection(torch.tensor([3, 0]))])
+    kept, overrides, _ = compose_prompt(valid, [item], [Selection(torch.tensor([3, 0]))])
     assert kept.tolist() == [1, 2, 5, 6, 7]
     values = torch.tensor([[1.0], [2.0]])
-    kept, overrides = compose_prompt(valid, [item], [Selection(torch.tensor([3, 0]), values, ordered=True)])
+    kept, overrides, _ = compose_prompt(valid, [item], [Selection(torch.tensor([3, 0]), values, ordered=True)])
     assert kept.tolist() == [1, 5, 2, 6, 7]
     assert overrides[0][0] == 1 and overrides[0][1] == 2 and torch.equal(overrides[0][2], values)
 
@@ -218,5 +218,5 @@ def test_compose_slots_orders_and_validates():
     kept, values, where = compose_slots(valid, visual, item, Selection(torch.tensor([3, 1]), vals, ordered=True))
     assert kept.tolist() == [0, 3, 1, 4, 5]
     assert where.tolist() == [1, 2] and values[:, 0].tolist() == [3.0, 1.0]
-    with pytest.raises(ValueError, match="not real visual tokens"):
+    with pytest.raises(ValueError, match="not real prunable tokens"):
         compose_slots(valid, visual, item, Selection(torch.tensor([0])))

@@ -30,6 +30,8 @@ class Selection:
     offset:  pre_llm only, <= 0: `keep` indexes the window [start + offset, start + offset + length) instead of
              the item's run; the |offset| text tokens before the run become selectable and the last |offset|
              tokens of the run are always kept after the window (reproduces a released off-by-one window).
+    annotations: pre_llm only, optional float [n] per kept token, available to later stages as
+             `layout.annotation` (NaN for tokens without one).
     """
 
     keep: torch.Tensor
@@ -37,6 +39,7 @@ class Selection:
     ordered: bool = False
     padding: int = 0
     offset: int = 0
+    annotations: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,12 @@ class VisionSignal:
 
 @dataclass(frozen=True)
 class LLMSignal:
-    """A per-slot score captured at decoder layer `layer` during prefill: 'last_row' = head-mean attention of
-    each sample's last token over all slots (FastV's signal)."""
+    """Attention captured at decoder layer `layer` during prefill (from that layer's own q/k):
+
+    'last_row':         [B, L] head-mean attention of each sample's last token over all slots (FastV);
+    'rows_from_visual': [B, L, L] head-mean attention of every query row from the batch's first visual slot on
+                        (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows).
+    """
 
     kind: str
     layer: int
@@ -81,6 +88,10 @@ class Plan:
                   included) before the projector (LLaVA-1.5); pre_llm: select at the LLM input; llm_layers:
                   select before these decoder layers during prefill; decode: edit the KV cache once after
                   prefill.
+    llm_structural: in-LLM stages may also select among items' structural tokens (newlines); else those are
+                  always kept. llm_keep_positions: in-LLM stages keep the current position ids even with
+                  positions="compact" (HoliTom's inner merge). noncausal_layers: decoder layers that attend
+                  bidirectionally in prefill (reproduces a released quirk; parity only).
     """
 
     vision_layer: int | None = None
@@ -90,6 +101,9 @@ class Plan:
     decode: bool = False
     vision_signals: tuple[VisionSignal, ...] = ()
     llm_signals: tuple[LLMSignal, ...] = ()
+    llm_structural: bool = False
+    llm_keep_positions: bool = False
+    noncausal_layers: tuple[int, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -148,8 +162,8 @@ class PreLLMItem:
     """One image / video at the LLM input.
 
     embeds:    [length, D] the item's token embeddings (projector outputs, newline embeddings).
-    available: LongTensor [n] item-local indices that reached the LLM input (all tokens unless a vision stage
-               pruned some).
+    available: LongTensor [n] item-local indices that reached the LLM input, in the order they arrive (all
+               tokens in sequence order unless a vision stage pruned or reordered some).
     signals:   name -> float [length] vision scores mapped to the item's tokens (NaN at structural tokens).
     """
 
@@ -178,7 +192,9 @@ class LLMStageContext:
 
     `attention_received(query_mask [B, L])` recomputes, from this layer's own q/k, the mean attention each
     slot receives from the selected queries ([B, L]); `head_mean_keys()` gives this layer's post-RoPE keys
-    averaged over heads ([B, L, head_dim]). `signals` holds captured LLM signals by key.
+    averaged over heads ([B, L, head_dim]). `signals` holds captured LLM signals by key; `item_signals[(b, j)]`
+    the vision signals of sample b's item j mapped onto the item's tokens (as `PreLLMItem.signals`);
+    `input_layout` the layout at the LLM input; `note(text)` records a remark in `patch.stats`.
     `sample_keys`: one int per sample derived from its prompt tokens (stable across batch compositions).
     """
 
@@ -192,6 +208,9 @@ class LLMStageContext:
     attention_received: Callable[[torch.Tensor], torch.Tensor]
     sample_keys: list[int] = field(default_factory=list)
     head_mean_keys: Callable[[], torch.Tensor] | None = None
+    item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    input_layout: Layout | None = None
+    note: Callable[[str], None] = print
 
     def item_targets(self) -> list[int]:
         """Per sample: the layer-averaged visual budget, the sum of `item_budget` over its items."""
@@ -211,3 +230,4 @@ class DecodeContext:
     items: ItemsOfBatch
     keep: Keep
     sample_keys: list[int] = field(default_factory=list)
+    stage_layers: tuple[int, ...] = ()

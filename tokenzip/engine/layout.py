@@ -26,6 +26,8 @@ class Layout:
     visual:    BoolTensor [B, L]  visual content token that in-LLM stages may prune.
     item:      LongTensor [B, L]  index of the sample's visual item the token belongs to, -1 for text.
     positions: LongTensor [R, B, L]  position ids used in prefill (R = 1 for 1-D RoPE, 3 or 4 for M-RoPE).
+    annotation: optional float [B, L] per-token value a policy attached at the pre-LLM stage (NaN elsewhere),
+               carried through later stages (e.g. MustDrop's key score of a merged window).
     """
 
     src: torch.Tensor
@@ -35,6 +37,7 @@ class Layout:
     visual: torch.Tensor
     item: torch.Tensor
     positions: torch.Tensor
+    annotation: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -82,8 +85,14 @@ def take(
         visual=gather_seq(layout.visual, index) & valid,
         item=torch.where(valid, gather_seq(layout.item, index), -1),
         positions=new_positions,
+        annotation=None if layout.annotation is None else gather_seq(layout.annotation, index),
     )
     return new, index
+
+
+def first_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Row-0 position id of each sample's first real slot. positions: [R, B, L]; valid: [B, L]. Returns [B]."""
+    return positions[0].gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
 
 
 def compact_positions(layout: Layout, first: torch.Tensor) -> torch.Tensor:

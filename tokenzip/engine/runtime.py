@@ -49,7 +49,7 @@ from ..signals.attention import (
     qwen_vision_head_mean_keys,
 )
 from .compose import compose_prompt, compose_slots
-from .layout import Layout, compact_positions, gather_hidden, take
+from .layout import Layout, compact_positions, first_positions, gather_hidden, take
 from .masks import decode_mask, prefill_mask
 from .state import (
     CallCapture,
@@ -160,7 +160,7 @@ class Runtime:
         for modality, fname in adapter.feature_functions.items():
             self._wrap_feature_function(modality, fname)
         self.handles.append(adapter.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-        if plan.llm_layers or plan.decode:
+        if plan.llm_layers or plan.decode or plan.noncausal_layers:
             for i, layer in enumerate(adapter.lm_layers):
                 self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         for sig in plan.llm_signals:
@@ -286,19 +286,27 @@ class Runtime:
                 has_cls = self.info.vision_has_cls
                 ctx = VisionStageContext(index, hidden, has_cls, self.keep, keys)
                 if self.replaying is not None:
-                    kept = self._replayed_vision(capture.modality, hidden.shape[0])
+                    selections = self._replayed_vision(capture.modality, hidden.shape[0])
                 else:
                     with torch.no_grad():
-                        kept = self.policy.select_vision(ctx)
-                capture.kept_rows = [k.detach().cpu() for k in kept]
+                        selections = [
+                            s if isinstance(s, Selection) else Selection(s) for s in self.policy.select_vision(ctx)
+                        ]
+                capture.kept_rows = selections
                 offset = int(has_cls)
-                rows = []
-                for k in kept:
-                    k = torch.sort(k.to(hidden.device).long()).values + offset
-                    rows.append(
-                        torch.cat([torch.zeros(1, dtype=torch.long, device=hidden.device), k]) if has_cls else k
-                    )
-                hidden, slots, valid = pad_rows(hidden, rows)
+                rows, values = [], []
+                for r, sel in enumerate(selections):
+                    keep = sel.keep.to(hidden.device).long() + offset
+                    vals = hidden[r, keep] if sel.values is None else sel.values.to(hidden.device, hidden.dtype)
+                    if not sel.ordered:
+                        keep, order = torch.sort(keep)
+                        vals = vals[order]
+                    if has_cls:  # CLS stays first and unchanged
+                        keep = torch.cat([torch.zeros(1, dtype=torch.long, device=hidden.device), keep])
+                        vals = torch.cat([hidden[r, :1], vals])
+                    rows.append(keep)
+                    values.append(vals)
+                hidden, slots, valid = pad_rows(hidden, rows, values)
                 mask = encoder_padding_mask(valid, self.info.attn_implementation, hidden.dtype)
                 capture.stage = VisionStageState(
                     slots, valid, mask, full_length=args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
@@ -363,7 +371,7 @@ class Runtime:
         rows, length = capture.projector_shape
         return output.new_zeros(rows, length, output.shape[-1])  # the model's own count; replaced at the LLM input
 
-    def _replayed_vision(self, modality: str, rows: int) -> list[torch.Tensor]:
+    def _replayed_vision(self, modality: str, rows: int) -> list[Selection]:
         calls = self.replaying.vision.get(modality, [])
         index = len(self.pending[modality])
         if index >= len(calls) or len(calls[index]) != rows:
@@ -518,6 +526,12 @@ class Runtime:
         st.orig_last_pos = pos_rows[0, :, -1].clone()
 
         self._new_decisions(st, batch, length, calls)
+        signals = self._item_signals(flat) if self.plan.vision_signals else {}
+        st.item_signals = {
+            (b, j): signals.get((it.modality, it.index_in_modality), {})
+            for b, items in enumerate(st.items.per_sample)
+            for j, it in enumerate(items)
+        }
         available = self._available(flat)
         overrides = self._overrides(flat)
         pruned_in_tower = any(a is not None for a in available.values()) or bool(overrides)
@@ -529,8 +543,7 @@ class Runtime:
 
         _sync(device)
         start = time.perf_counter()
-        signals = self._item_signals(flat)
-        keep_lists, writes, item_kept = [], [], []
+        keep_lists, writes, item_kept, annotations = [], [], [], []
         replay = self.replaying.pre_llm if self.replaying is not None else None
         for b, items in enumerate(st.items.per_sample):
             selections = []
@@ -553,19 +566,24 @@ class Runtime:
                     with torch.no_grad():
                         sel = self.policy.select_pre_llm(ctx)
                 else:
-                    sel = Selection(avail)
+                    sel = Selection(avail, ordered=True)  # the order a vision stage emitted them
                 selections.append(sel)
             if self.decisions is not None and replay is None:
                 self.decisions.pre_llm = (self.decisions.pre_llm or []) + [selections]
-            kept, over = compose_prompt(valid[b], items, selections)
+            kept, over, annotation = compose_prompt(valid[b], items, selections)
             keep_lists.append(kept)
             writes.append(over)
+            annotations.append(annotation)
             item_kept.append([_kept_record(sel, it) for sel, it in zip(selections, items, strict=True)])
         layout0, index = take(orig, keep_lists)
+        layout0.lm_src = torch.arange(layout0.length, device=device).expand(batch, -1)  # it *is* the LLM input
         if self.positions == "compact":
-            layout0.positions = compact_positions(
-                layout0, pos_rows[0, :, :].gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
-            )
+            layout0.positions = compact_positions(layout0, first_positions(pos_rows, valid))
+        if any(a is not None for a in annotations):
+            layout0.annotation = torch.full(layout0.valid.shape, float("nan"), device=device)
+            for b, values in enumerate(annotations):
+                if values is not None:
+                    layout0.annotation[b, layout0.length - values.numel() :] = values.to(device)
         new_embeds = gather_hidden(embeds, index, layout0.valid)
         width = layout0.length
         for b, over in enumerate(writes):
@@ -725,12 +743,19 @@ class Runtime:
                 layout = st.current
                 st.layer_layouts[index] = layout
                 evict = self.replaying is not None and index in self.replaying.decode
+                if index in self.plan.noncausal_layers:
+                    if layout is not st.layout0:
+                        kwargs.update(self._stage_kwargs(layout, kwargs, hidden))
+                    kwargs["attention_mask"] = self._bidirectional_mask(layout, hidden.dtype)
+                    return ((hidden, *args[1:]) if args else args), kwargs
                 if layout is st.layout0 and not evict:
                     return None
                 if layout is not st.layout0:
                     kwargs.update(self._stage_kwargs(layout, kwargs, hidden))
                 if evict:
                     kwargs["attention_mask"] = self._eviction_mask(layout, index, hidden.dtype)
+                    if self.positions == "compact" and self.policy.decode_positions(self.info) == "cache_length":
+                        kwargs.update(self._eviction_positions(layout, index, hidden))
             else:
                 layout = st.layer_layouts[index]
                 if layout is st.layout0:
@@ -767,6 +792,34 @@ class Runtime:
             mask = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)
         layout.cache[key] = mask
         return mask
+
+    def _bidirectional_mask(self, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+        """Prefill mask without causality (padding keys hidden) for a layer that attends both ways."""
+        if self.info.attn_implementation.startswith("flash"):
+            raise UnsupportedInputError("a bidirectional layer needs a 4-D mask: use sdpa or eager")
+        n = layout.length
+        keep = layout.valid[:, None, None, :].expand(-1, 1, n, -1)
+        keep = keep | torch.eye(n, dtype=torch.bool, device=keep.device)[None, None]
+        if self.info.attn_implementation == "eager":
+            return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), torch.finfo(dtype).min)
+        return keep
+
+    def _eviction_positions(self, layout: Layout, index: int, hidden: torch.Tensor) -> dict:
+        """Replay of the 'own cache length' decode positions: generated tokens in an edited layer continue
+        from the number of prompt tokens the edit kept."""
+        key = ("evict-pos", index)
+        if key not in layout.cache:
+            rec = self.replaying
+            late = layout.orig >= rec.prompt_len
+            kept = layout.valid & ~late
+            visual = kept & layout.visual
+            for b, slots in enumerate(rec.decode[index]):
+                kept[b] &= ~visual[b] | torch.isin(layout.lm_src[b], slots.to(layout.lm_src.device))
+            start = first_positions(layout.positions, layout.valid)
+            late_rank = late.long().cumsum(1) - 1
+            pos = torch.where(late, start[:, None] + kept.sum(1, keepdim=True) + late_rank, layout.positions[0])
+            layout.cache[key] = {"position_embeddings": self.adapter.rotary_emb(hidden, pos), "position_ids": pos}
+        return layout.cache[key]
 
     def _decode_kwargs(self, layout: Layout, hidden: torch.Tensor) -> dict:
         st = self.state
@@ -811,8 +864,11 @@ class Runtime:
                 normed_cache["normed"] = layer.input_layernorm(hidden)
             return decoder_head_mean_keys(layer.self_attn, normed_cache["normed"], stage_kw["position_embeddings"])
 
+        prunable = prev.visual | (prev.item >= 0) if self.plan.llm_structural else prev.visual
         if self.replaying is not None:
-            selections = [self._replayed_selection(prev, b, *rec) for b, rec in enumerate(self.replaying.llm[index])]
+            selections = [
+                self._replayed_selection(prev, prunable, b, *rec) for b, rec in enumerate(self.replaying.llm[index])
+            ]
         else:
             ctx = LLMStageContext(
                 index,
@@ -825,6 +881,9 @@ class Runtime:
                 attention_received,
                 self._sample_keys(),
                 head_mean_keys,
+                st.item_signals,
+                st.layout0,
+                st.notes.append,
             )
             with torch.no_grad():
                 selections = self.policy.select_llm(ctx)
@@ -835,13 +894,13 @@ class Runtime:
                 ]
         keep_lists, value_lists = [], []
         for b, sel in enumerate(selections):
-            kept, values, out_pos = compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)
+            kept, values, out_pos = compose_slots(prev.valid[b], prunable[b], prev.item[b], sel)
             keep_lists.append(kept)
             value_lists.append((values, out_pos))
         positions = None
         layout, gather_index = take(prev, keep_lists)
-        if self.positions == "compact":
-            first = prev.positions[0].gather(1, prev.valid.long().argmax(1, keepdim=True))[:, 0]
+        if self.positions == "compact" and not self.plan.llm_keep_positions:
+            first = first_positions(prev.positions, prev.valid)
             positions = compact_positions(layout, first)
             layout.positions = positions
         new_hidden = gather_hidden(hidden, gather_index, layout.valid)
@@ -855,9 +914,11 @@ class Runtime:
         return new_hidden
 
     @staticmethod
-    def _replayed_selection(layout: Layout, b: int, recorded: torch.Tensor, values, ordered: bool) -> Selection:
+    def _replayed_selection(
+        layout: Layout, prunable: torch.Tensor, b: int, recorded: torch.Tensor, values, ordered: bool
+    ) -> Selection:
         """The slots of `layout` (sample b) holding the recorded LLM-input slots, in recorded order."""
-        slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+        slots = (layout.valid[b] & prunable[b]).nonzero().flatten()
         match = layout.lm_src[b][slots][None, :] == recorded.to(slots.device)[:, None]  # [n_rec, n_slots]
         if not bool(match.any(1).all()):
             raise UnsupportedInputError("replay: a recorded token is missing from this prefill")
@@ -870,13 +931,19 @@ class Runtime:
                 return None
             hidden = kwargs["hidden_states"]
             with torch.no_grad():
+                mask = kwargs.get("attention_mask")
                 if sig.kind == "last_row":
                     rows = torch.tensor([-1], device=hidden.device)
-                    scores = decoder_attention_rows(
-                        module, hidden, kwargs["position_embeddings"], rows, kwargs.get("attention_mask")
-                    )[:, 0]
+                    scores = decoder_attention_rows(module, hidden, kwargs["position_embeddings"], rows, mask)[:, 0]
+                elif sig.kind == "rows_from_visual":
+                    layout = st.current
+                    first = int((layout.visual & layout.valid).float().argmax(1).min())
+                    rows = torch.arange(first, hidden.shape[1], device=hidden.device)
+                    part = decoder_attention_rows(module, hidden, kwargs["position_embeddings"], rows, mask)
+                    scores = part.new_zeros(hidden.shape[0], hidden.shape[1], hidden.shape[1])
+                    scores[:, first:] = part
                 else:
-                    raise TokenzipError(f"unknown LLM signal {sig.kind!r}")
+                    raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual")
             st.signals[sig.key] = scores
             return None
 
@@ -886,7 +953,10 @@ class Runtime:
     def _decode_stage(self, cache) -> None:
         st = self.state
         start = time.perf_counter()
-        ctx = DecodeContext(self.info, list(st.layer_layouts), st.items, self.keep, self._sample_keys())
+        ctx = DecodeContext(
+            self.info, list(st.layer_layouts), st.items, self.keep, self._sample_keys(), self.plan.llm_layers
+        )
+        renumber = self.positions == "compact" and self.policy.decode_positions(self.info) == "cache_length"
         with torch.no_grad():
             edits = self.policy.select_decode(ctx)
         for layer, selections in edits.items():
@@ -899,6 +969,8 @@ class Runtime:
                 compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)[0] for b, sel in enumerate(selections)
             ]
             layout, index = take(prev, keep_lists)
+            if renumber:  # decode positions continue from this layer's own cache length (official MustDrop)
+                layout.positions = compact_positions(layout, first_positions(prev.positions, prev.valid))
             cache_layer = cache.layers[layer]
             if not hasattr(cache_layer, "keys"):
                 raise UnsupportedInputError(
@@ -929,4 +1001,5 @@ class Runtime:
                 n_content = int(content[kept_idx[kept_idx >= 0]].sum())
                 records.append(ItemRecord(it.modality, it.length, it.shape.n_content, n_content, kept_idx, padded))
             samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
-        self.stats.history.append(ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds)))
+        record = ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds), list(dict.fromkeys(st.notes)))
+        self.stats.history.append(record)

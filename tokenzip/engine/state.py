@@ -73,12 +73,14 @@ class ForwardState:
     current: Layout | None = None
     layer_layouts: list[Layout] = field(default_factory=list)
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     decoded: int = 0
     step: int = 0
     tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
     lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
     seconds: dict[str, float] = field(default_factory=dict)
     item_kept: list[list[tuple[torch.Tensor, int]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     step_cache: dict = field(default_factory=dict)
 
 
@@ -119,6 +121,7 @@ class ForwardRecord:
     keep: Any
     samples: list[SampleRecord]
     seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         rows = [

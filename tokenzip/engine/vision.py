@@ -14,21 +14,27 @@ import torch
 from ..items import ItemShape
 
 
-def pad_rows(hidden: torch.Tensor, kept: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather each row's kept token indices and right-pad to the longest row.
+def pad_rows(
+    hidden: torch.Tensor, kept: list[torch.Tensor], values: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay each row's kept tokens (in the given order) out left-aligned and right-pad to the longest row.
 
-    hidden: [R, T, D]; kept: per row LongTensor [n_r] (sorted). Returns (hidden' [R, W, D], slots [R, W],
-    valid [R, W]); padding slots point at token 0 and are zeroed.
+    hidden: [R, T, D]; kept: per row LongTensor [n_r] of token indices (CLS = 0 where present); values: per row
+    [n_r, D] replacement values (merged tokens), else the rows' own hidden states. Returns (hidden' [R, W, D],
+    slots [R, W] = token index each output token stands at, valid [R, W]); padding slots point at token 0 and
+    are zeroed.
     """
     rows = hidden.shape[0]
     width = max(int(k.numel()) for k in kept)
     slots = torch.zeros(rows, width, dtype=torch.long, device=hidden.device)
     valid = torch.zeros(rows, width, dtype=torch.bool, device=hidden.device)
+    out = hidden.new_zeros(rows, width, hidden.shape[-1])
     for r, k in enumerate(kept):
-        slots[r, : k.numel()] = k.to(hidden.device)
-        valid[r, : k.numel()] = True
-    out = torch.gather(hidden, 1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
-    return out * valid[..., None].to(out.dtype), slots, valid
+        n = int(k.numel())
+        slots[r, :n] = k.to(hidden.device)
+        valid[r, :n] = True
+        out[r, :n] = hidden[r, k.to(hidden.device)] if values is None else values[r]
+    return out, slots, valid
 
 
 def encoder_padding_mask(valid: torch.Tensor, impl: str, dtype: torch.dtype):
@@ -58,7 +64,8 @@ def expand_features(
     features: per image [W - dropped_leading, D] (the tower's right-padded rows after feature selection);
     slots / valid: [R, W] from `pad_rows` (token indices of the tower row, CLS = 0); dropped_leading: tokens the
     feature selection removed from the front of every row (1 for LLaVA's 'default' strategy).
-    Returns (full features per image [shape.length, D], item-local indices that survived per image).
+    Returns (full features per image [shape.length, D], item-local indices that survived per image, in the
+    order the tower emitted them: the order they enter the LLM).
     """
     full, available = [], []
     for shape, feat in zip(shapes, features):
@@ -69,7 +76,7 @@ def expand_features(
         out = feat.new_zeros(shape.length, feat.shape[-1])
         out[local] = feat[row_valid.to(feat.device)]
         full.append(out)
-        available.append(torch.sort(local).values.cpu())
+        available.append(local.cpu())
     return full, available
 
 

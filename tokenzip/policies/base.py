@@ -47,12 +47,20 @@ class Policy:
         """Position mode used when `apply` gets no `positions`: the LLaVA convention (compact) where defined."""
         return "compact" if info.supports_compact_positions else "original"
 
+    def decode_positions(self, info: ModelInfo) -> str:
+        """With compact positions and decode-stage KV edits: "layout" (default) lets an edited layer's new
+        tokens continue from the length the layer processed in prefill; "cache_length" from the number of
+        entries the edit kept (official MustDrop)."""
+        return "layout"
+
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         """The stages and signals this policy uses on a model described by `info`."""
         raise NotImplementedError
 
-    def select_vision(self, ctx: VisionStageContext) -> list[torch.Tensor]:
-        """Per vision row: kept patch indices (0-based, CLS excluded; CLS is always kept)."""
+    def select_vision(self, ctx: VisionStageContext) -> list[Selection | torch.Tensor]:
+        """Per vision row: the patches (0-based, CLS excluded; CLS always stays first) that continue through the
+        tower, as a `Selection` (values = merged hidden states, `ordered` = keep this order) or a LongTensor of
+        kept indices (sorted by the engine)."""
         raise NotImplementedError(f"policy {self.name!r} has no vision stage")
 
     def select_projector_input(self, ctx: ProjectorInputContext) -> list[Selection]:

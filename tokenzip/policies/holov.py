@@ -122,7 +122,7 @@ def holov_select(
     scores = torch.stack(
         [crop_score(features[s : s + m], attention[s : s + m], beta) for s, m in zip(starts, sizes_list, strict=True)]
     )
-    weights = scores / (scores.sum() + EPS)
+    weights = (scores / (scores.sum() + EPS)).cpu()  # quotas live on the CPU, beside `sizes` (any device input)
     quotas = crop_quotas(weights, budget)
     if shortfall == "redistribute":
         quotas = redistribute(quotas, sizes, weights)
@@ -183,14 +183,16 @@ class HoloVPolicy(Policy):
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         official = self.compat() == "official"
-        shortfall = self.options["shortfall"] or ("zeros" if official else "redistribute")
+        qwen_official = official and self._info.family == "qwen2_5_vl"
+        # 'keep_nonempty_rows' re-sorts the output into raster order, which has no place for zero rows
+        raster_rows = self.options["newlines"] == "keep_nonempty_rows" and not qwen_official
+        shortfall = self.options["shortfall"] or ("zeros" if official and not raster_rows else "redistribute")
         shape = ctx.item.shape
         content = ctx.content_available  # item-local, sequence order (raster per grid, frames in order)
         scores = ctx.signals[self._signal.key]
         attention = scores[content.to(scores.device)]
         features = ctx.embeds[content.to(ctx.embeds.device)]
         n = content.numel()
-        qwen_official = official and self._info.family == "qwen2_5_vl"
         budget = min(n, int(n * ctx.keep)) if qwen_official and isinstance(ctx.keep, float) else ctx.budget
         budget = max(1, budget)
         crops = min(n, self.options["crops"]) if self.options["crops"] else crop_count(n, budget)

@@ -229,19 +229,29 @@ def decoder_attention_rows(
     rows: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """Head-mean attention probabilities of query `rows` of a decoder layer during prefill.
 
     hidden_states: the attention module's input (after `input_layernorm`), [B, L, D]; rows: LongTensor [R]
     (negative values count from the end, e.g. tensor([-1]) = the last token, FastV). The causal mask is by
-    sequence index; `attention_mask` adds padding (any transformers format). Returns float32 [B, R, L].
+    sequence index; `attention_mask` adds padding (any transformers format). Rows are processed in chunks of
+    `chunk`, so peak memory is O(chunk * L * H). Returns float32 [B, R, L].
     """
     n = hidden_states.shape[1]
     rows = torch.as_tensor(rows, device=hidden_states.device).long() % n
-    q, k = decoder_qk(attn, hidden_states, position_embeddings, rows, keys)
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
-    scores = scores.masked_fill(~_decoder_keep(attention_mask, rows, n, scores.device), float("-inf"))
-    return _softmax_mean_heads(scores)
+    if keys is None:
+        _, keys = decoder_qk(attn, hidden_states, position_embeddings, rows[:0])
+    out = []
+    for start in range(0, rows.numel(), chunk):
+        part = rows[start : start + chunk]
+        q, k = decoder_qk(attn, hidden_states, position_embeddings, part, keys)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = scores.masked_fill(~_decoder_keep(attention_mask, part, n, scores.device), float("-inf"))
+        out.append(_softmax_mean_heads(scores))
+    if not out:
+        return torch.zeros(hidden_states.shape[0], 0, n, device=hidden_states.device)
+    return torch.cat(out, 1)
 
 
 def decoder_attention_received(

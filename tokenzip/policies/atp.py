@@ -1,0 +1,281 @@
+"""ATP-TF: a training-free adaptation of ATP-LLaVA (arXiv 2412.00447, CVPR 2025).
+
+ATP-LLaVA prunes visual tokens inside the LLM with *trained* modules that predict per-instance, per-layer
+thresholds; no official code exists. ATP-TF keeps its structure and replaces the learned thresholds by
+statistics of the attention: after layers p (2, 8, 16 of 32; round(p L / 32) otherwise), from that layer's own
+q/k, every visual token j gets
+
+    c_j = mean over text rows t (tokens after the last visual token) of A[t, j]          (cross-modal)
+    s_j = mean over visual rows i >= j of A[i, j]   (causally de-biased self-modal importance)
+    S_j = (s_j / sum s + c_j / sum c) / 2
+
+and the kept set = redundancy set (by S) united with a spatial set (tokens whose ORIGINAL grid coordinates are
+multiples of k = round(1 / sqrt(R)) in both axes, per image part / frame), original positions kept.
+
+`schedule="topk"` (default): per stage exactly n_l tokens (the spatial set plus the best other tokens by S),
+with n_l geometrically decaying so that the layer-averaged count equals `keep` (`atp_schedule`).
+`schedule="adaptive"`: the ATP-like per-instance rule -- the smallest prefix of tokens by S holding a mass
+p_l(gamma) (or, `rule="z"`, S_j >= 1/n + beta std(S)) united with the spatial set at rate R_l(gamma) -- needs a
+scalar gamma calibrated for the model and keep (`calibrate_gamma`); without one it raises an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep, item_budget
+from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
+from ..errors import PolicyOptionError
+from ..ops.topk import topk_stable
+from .base import Policy
+from .registry import register
+
+OFFICIAL_LAYERS = (2, 8, 16)  # of 32 (tokenzip's starting point; ATP's insertion layers are unpublished)
+
+
+def atp_scores(rows: torch.Tensor, visual_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+    """S over the visual tokens from head-mean attention.
+
+    rows: [L, L] attention (query row, key column) of one sample; visual_rows: LongTensor [n] sequence
+    indices of the visual tokens (ascending); text_rows: LongTensor [m]. Returns S [n] (sums to 1).
+    """
+    a_vis = rows[visual_rows][:, visual_rows]  # [n (queries), n (keys)]
+    n = visual_rows.numel()
+    causal = torch.ones(n, n, dtype=torch.bool, device=rows.device).tril()  # query i >= key j
+    attenders = causal.sum(0).clamp_min(1)
+    s = (a_vis * causal).sum(0) / attenders
+    c = rows[text_rows][:, visual_rows].mean(0) if text_rows.numel() else torch.zeros_like(s)
+    s_hat = s / s.sum().clamp_min(1e-30)
+    c_hat = c / c.sum().clamp_min(1e-30) if c.sum() > 0 else torch.zeros_like(c)
+    return 0.5 * (s_hat + c_hat)
+
+
+def spatial_mask(coords: torch.Tensor, rate: float) -> torch.Tensor:
+    """Tokens whose grid (row, col) are both multiples of k = round(1 / sqrt(rate)); rate 0 disables.
+
+    coords: LongTensor [n, 4] (part, frame, row, col) of each visual token (-1 for none). Returns BoolTensor [n].
+    """
+    if rate <= 0:
+        return torch.zeros(coords.shape[0], dtype=torch.bool, device=coords.device)
+    k = max(1, round(1 / math.sqrt(rate)))
+    return (coords[:, 2] >= 0) & (coords[:, 2] % k == 0) & (coords[:, 3] % k == 0)
+
+
+def mass_prefix(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Indices of the smallest prefix of tokens by descending score (ties -> lower index) with cumulative
+    score >= mass. scores sum to 1."""
+    order = topk_stable(scores, scores.numel())
+    cumulative = torch.cumsum(scores[order].double(), 0)
+    count = int((cumulative < mass - 1e-12).sum()) + 1
+    return order[: min(count, scores.numel())]
+
+
+def clamp_count(keep: torch.Tensor, scores: torch.Tensor, spatial: torch.Tensor, n_min: int, n_max: int):
+    """Bring a kept mask [n] to between n_min and n_max tokens: add the highest-S missing tokens, or drop
+    the lowest-S non-spatial tokens first, then the lowest-S spatial ones. Returns the mask."""
+    keep = keep.clone()
+    count = int(keep.sum())
+    if count < n_min:
+        missing = (~keep).nonzero().flatten()
+        keep[missing[topk_stable(scores[missing], n_min - count)]] = True
+    elif count > n_max:
+        excess = count - n_max
+        for group in (keep & ~spatial, keep & spatial):
+            if excess == 0:
+                break
+            idx = group.nonzero().flatten()
+            drop = idx[topk_stable(-scores[idx], min(excess, idx.numel()))]
+            keep[drop] = False
+            excess -= drop.numel()
+    return keep
+
+
+def atp_select(
+    scores: torch.Tensor,
+    spatial: torch.Tensor,
+    count: int | None = None,
+    mass: float | None = None,
+    z_beta: float | None = None,
+    n_min: int = 1,
+) -> torch.Tensor:
+    """ATP-TF's selection on one sample's visual tokens. Returns kept indices, ascending.
+
+    `count` (topk schedule): exactly `count` tokens = the spatial set plus the best other tokens by S (the
+    spatial set alone is cut by S if it exceeds the count). `mass` (adaptive, mass rule) or `z_beta`
+    (adaptive, z rule): redundancy set united with the spatial set, at least n_min tokens.
+    """
+    n = scores.numel()
+    keep = spatial.clone()
+    if count is not None:
+        others = (~spatial).nonzero().flatten()
+        extra = others[topk_stable(scores[others], max(0, count - int(spatial.sum())))]
+        keep[extra] = True
+        keep = clamp_count(keep, scores, spatial, count, count)
+    else:
+        if mass is not None:
+            keep[mass_prefix(scores, mass)] = True
+        else:
+            keep |= scores >= 1.0 / n + z_beta * scores.std(unbiased=False)
+        keep = clamp_count(keep, scores, spatial, min(n_min, n), n)
+    return keep.nonzero().flatten()
+
+
+def atp_schedule(target: float, n_visual: int, prune_layers: tuple[int, ...], n_layers: int) -> list[int]:
+    """Tokens kept after each pruning layer so the layer-averaged count equals `target` (counts >= 1).
+
+    Layers 0..p1 see all n; w_i = p_{i+1} - p_i layers then see n_i; n_i = round(n lambda^i) with lambda from
+    w_0 n + sum_i w_i max(1, n lambda^i) = L target (no stage keeps fewer than one token); the last count
+    absorbs the rounding.
+    """
+    p = prune_layers
+    w = [p[0] + 1, *[p[i + 1] - p[i] for i in range(len(p) - 1)], n_layers - 1 - p[-1]]
+    goal = n_layers * target
+    stages = len(p)
+    if n_visual <= target:
+        return [n_visual] * stages
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        total = w[0] * n_visual + sum(w[i] * max(1.0, n_visual * mid**i) for i in range(1, stages + 1))
+        lo, hi = (mid, hi) if total < goal else (lo, mid)
+    lam = (lo + hi) / 2
+    counts = [max(1, round(n_visual * lam**i)) for i in range(1, stages)]
+    last = (goal - w[0] * n_visual - sum(w[i] * counts[i - 1] for i in range(1, stages))) / w[stages]
+    counts.append(max(1, round(last)))
+    for i in range(1, stages):
+        counts[i] = min(counts[i], counts[i - 1])
+    return counts
+
+
+def adaptive_parameters(gamma: float, p0: Iterable[float], r0: Iterable[float]) -> tuple[list[float], list[float]]:
+    """p_l(gamma) = clip(1 - (1 - p_l) / gamma, 0.05, 0.999), R_l(gamma) = min(1, gamma R_l)."""
+    masses = [min(0.999, max(0.05, 1 - (1 - p) / gamma)) for p in p0]
+    rates = [min(1.0, gamma * r) for r in r0]
+    return masses, rates
+
+
+def default_prune_layers(n_layers: int) -> tuple[int, ...]:
+    return tuple(round(p * n_layers / 32) for p in OFFICIAL_LAYERS)
+
+
+@register
+class ATPPolicy(Policy):
+    name = "atp"
+    description = "ATP-TF: training-free ATP-LLaVA -- self+cross-modal redundancy U spatial sampling at 3 LLM layers."
+    defaults: ClassVar[dict[str, Any]] = {
+        "schedule": "topk",
+        "prune_layers": None,
+        "p": (0.90, 0.75, 0.55),
+        "spatial_rates": (1 / 16, 1 / 36, 0.0),
+        "gamma": None,
+        "rule": "mass",
+        "z_beta": 0.5,
+        "n_min": 1,
+    }
+
+    def validate(self) -> None:
+        o = self.options
+        self._check_choice("schedule", ("topk", "adaptive"))
+        self._check_choice("rule", ("mass", "z"))
+        self._check_int("n_min", 1)
+        layers = o["prune_layers"]
+        if layers is not None and (not layers or list(layers) != sorted(set(layers))):
+            raise PolicyOptionError(f"atp: prune_layers must be increasing layer indices, got {layers!r}")
+        n_stages = len(layers) if layers is not None else len(OFFICIAL_LAYERS)
+        for name in ("p", "spatial_rates"):
+            if len(o[name]) != n_stages:
+                raise PolicyOptionError(f"atp: {name} needs one value per pruning layer ({n_stages})")
+        if o["gamma"] is not None and (isinstance(o["gamma"], bool) or not o["gamma"] > 0):
+            raise PolicyOptionError(f"atp: gamma must be a positive number, got {o['gamma']!r}")
+        if o["schedule"] == "adaptive" and o["gamma"] is None:
+            raise PolicyOptionError(
+                "atp: schedule='adaptive' needs a gamma calibrated for this model and keep "
+                "(tokenzip.policies.atp.calibrate_gamma); use schedule='topk' for an exact budget without one"
+            )
+
+    def default_positions(self, info: ModelInfo) -> str:
+        return "original"  # ATP keeps original position ids
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        self._info = info
+        layers = tuple(self.options["prune_layers"] or default_prune_layers(info.n_llm_layers))
+        if layers[-1] + 1 >= info.n_llm_layers:
+            raise PolicyOptionError(f"atp: prune layers {layers} leave no layer after the last one")
+        self._prune = layers
+        return Plan(
+            llm_layers=tuple(p + 1 for p in layers),
+            llm_signals=tuple(LLMSignal("rows_from_visual", p) for p in layers),
+        )
+
+    def _coords(self, ctx: LLMStageContext, b: int, visual: torch.Tensor) -> torch.Tensor:
+        """Original (part, frame, row, col) of each visual slot of sample b (unique per item and grid)."""
+        layout = ctx.layout
+        coords = torch.full((visual.numel(), 4), -1, dtype=torch.long)
+        for j, item in enumerate(ctx.items.per_sample[b]):
+            in_item = layout.item[b, visual] == j
+            local = (layout.orig[b, visual[in_item]] - item.start).cpu()
+            coords[in_item.cpu()] = item.shape.coords()[local]
+        return coords.to(visual.device)
+
+    def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
+        stage = ctx.layer - 1
+        index = self._prune.index(stage)
+        rows = ctx.signals[LLMSignal("rows_from_visual", stage).key]
+        layout = ctx.layout
+        adaptive = self.options["schedule"] == "adaptive"
+        if adaptive:
+            masses, rates = adaptive_parameters(self.options["gamma"], self.options["p"], self.options["spatial_rates"])
+        else:
+            rates = list(self.options["spatial_rates"])
+        out = []
+        for b, items in enumerate(ctx.items.per_sample):
+            visual = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            if not items or visual.numel() == 0:
+                out.append(Selection(torch.zeros(0, dtype=torch.long)))
+                continue
+            positions = torch.arange(layout.length, device=visual.device)
+            text = (layout.valid[b] & (positions > int(visual.max()))).nonzero().flatten()
+            scores = atp_scores(rows[b], visual, text)
+            spatial = spatial_mask(self._coords(ctx, b, visual), rates[index])
+            if adaptive:
+                mass = masses[index] if self.options["rule"] == "mass" else None
+                z = self.options["z_beta"] if self.options["rule"] == "z" else None
+                kept = atp_select(scores, spatial, mass=mass, z_beta=z, n_min=self.options["n_min"])
+            else:
+                input_visual = int((ctx.input_layout.valid[b] & ctx.input_layout.visual[b]).sum())
+                target = sum(item_budget(ctx.keep, it.shape.n_content) for it in items)
+                counts = atp_schedule(target, input_visual, self._prune, ctx.info.n_llm_layers)
+                if (self._prune[0] + 1) * input_visual + (ctx.info.n_llm_layers - self._prune[0] - 1) > (
+                    ctx.info.n_llm_layers * target
+                ):
+                    ctx.note(f"atp: keep={ctx.keep!r} is below what pruning after layer {self._prune[0]} can reach")
+                kept = atp_select(scores, spatial, count=min(counts[index], visual.numel()))
+            out.append(Selection(visual[kept]))
+        return out
+
+
+def calibrate_gamma(
+    run_prefill: Callable[[float], float],
+    target: float,
+    lo: float = 1e-3,
+    hi: float = 1e3,
+    steps: int = 30,
+) -> float:
+    """Bisect log(gamma) in [lo, hi] until the mean layer-averaged visual count equals `target`.
+
+    run_prefill(gamma) must return the mean layer-averaged visual count over a calibration set with
+    `schedule="adaptive", gamma=gamma` (e.g. from `patch.stats`); the count is non-decreasing in gamma.
+    """
+    log_lo, log_hi = math.log(lo), math.log(hi)
+    for _ in range(steps):
+        mid = (log_lo + log_hi) / 2
+        if run_prefill(math.exp(mid)) < target:
+            log_lo = mid
+        else:
+            log_hi = mid
+    return math.exp((log_lo + log_hi) / 2)

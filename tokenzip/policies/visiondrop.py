@@ -1,0 +1,262 @@
+"""VisionDrop (arXiv 2506.22283, AAAI 2026; official code Ruixxxx/VisionDrop @ f7a9444), training-free.
+
+Progressive dominant selection + contextual merging at four stages: stage 1 on the vision output, stages 2-4
+before decoder layers b1, b2, b3 (default round(k L / 4): 8, 16, 24 of 32). At each stage the d highest-scoring
+tokens are kept in order (dominant) and the rest are merged into c "contextual" tokens: c targets spaced
+evenly through the remaining tokens, every other remaining token assigned to its most similar target (cosine
+of head-mean keys), contextual value = target + mean(assigned). Output per image: [dominant, contextual].
+
+Scores: stage 1 = the CLS query's attention row at the feature layer (LLaVA-1.5) or the mean attention
+received at the last / feature layer (Qwen2.5-VL, OneVision); LLM stages = the mean attention the image's
+tokens receive from the image's own tokens, recomputed from the stage layer's q/k (causal, full-row softmax).
+
+`keep` is the layer-averaged budget K: stage 1 keeps E = min(round(encoder_factor K), N) (factor 1.5 for
+images, 3.0 for video), later stages decay geometrically so that the layer average is exactly K
+(`visiondrop_schedule`). Each stage splits its count n into c = min(ceil(n / 8), n - 1) contextual and
+d = n - c dominant tokens. On LLaVA-1.5 stage 1 works in CLIP space before the projector and feeds the CLS
+token to the LLM (official; `include_cls=False` drops it); positions are compacted at every stage (official
+LLaVA), decode positions follow each layer's measured prefill length; `stage1_space="post_projector"` runs
+stage 1 on projector outputs instead (no CLS; an approximation, the projector being non-linear). Qwen2.5-VL
+keeps original M-RoPE
+positions (a contextual token stands at its target's position); OneVision drops newline tokens at stage 1
+(a video's trailing newline is kept) and compacts positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters.base import ModelInfo
+from ..budget import Keep, item_budget
+from ..contexts import LLMStageContext, Plan, PreLLMItem, ProjectorInputContext, Selection, VisionSignal
+from ..errors import PolicyOptionError
+from ..ops.topk import topk_stable
+from .base import Policy
+from .registry import register
+
+
+def merge_contextual(
+    values: torch.Tensor, metric: torch.Tensor, dominant: torch.Tensor, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dominant tokens in order, then up to `contextual` merged tokens.
+
+    values: [n, D]; metric: [n, dk] (similarity features); dominant: LongTensor of indices in [0, n).
+    The remaining R tokens (original order) give targets rest[0], rest[step], ... (step = max(1, R // c), the
+    first c); every other remaining token joins the target of highest cosine similarity (ties -> the first
+    target); a contextual token's value is its target's value plus the mean of its members (target alone if
+    it has none). Returns (representative indices [d + c'] = sorted dominant then targets, values [d + c', D]).
+    """
+    n = values.shape[0]
+    dominant = torch.sort(dominant.to(values.device)).values
+    is_dom = torch.zeros(n, dtype=torch.bool, device=values.device)
+    is_dom[dominant] = True
+    rest = (~is_dom).nonzero().flatten()
+    if contextual <= 0 or rest.numel() == 0:
+        return dominant, values[dominant]
+    step = max(1, rest.numel() // contextual)
+    targets = rest[::step][:contextual]
+    is_target = torch.zeros(n, dtype=torch.bool, device=values.device)
+    is_target[targets] = True
+    others = rest[~is_target[rest]]
+    work = torch.promote_types(values.dtype, torch.float32)  # half precision is merged in float32
+    merged = values[targets].to(work).clone()
+    if others.numel():
+        met = metric.to(torch.promote_types(metric.dtype, torch.float32))
+        unit = met / met.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        assign = (unit[others] @ unit[targets].T).argmax(1)  # first maximum = lowest target index
+        sums = torch.zeros_like(merged).index_add_(0, assign, values[others].to(work))
+        counts = torch.bincount(assign, minlength=targets.numel()).to(work)
+        merged += torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], 0.0)
+    reps = torch.cat([dominant, targets])
+    return reps, torch.cat([values[dominant].to(work), merged]).to(values.dtype)
+
+
+def stage_split(count: int, ctx_div: int = 8) -> tuple[int, int]:
+    """(dominant, contextual) for a stage keeping `count` tokens: c = min(ceil(count / ctx_div), count - 1)."""
+    contextual = max(0, min(math.ceil(count / ctx_div), count - 1))
+    return count - contextual, contextual
+
+
+def default_boundaries(n_layers: int) -> tuple[int, int, int]:
+    """The three decoder layers whose input is reduced: round(k * L / 4), k = 1, 2, 3 (8, 16, 24 of 32)."""
+    return tuple(round(k * n_layers / 4) for k in (1, 2, 3))
+
+
+def visiondrop_schedule(
+    target: float,
+    n_stage1: int,
+    n_layers: int,
+    boundaries: tuple[int, int, int],
+    encoder_factor: float = 1.5,
+    decay: float | None = None,
+) -> list[int]:
+    """Visual tokens kept by each of the four stages so that the layer average equals `target`.
+
+    E = min(round(encoder_factor * target), n_stage1) enters the LLM; with block sizes w_k (layers 0..b1-1,
+    b1..b2-1, b2..b3-1, b3..L-1) the decay lambda solves sum_k w_k E lambda^k = L target (lambda = 1 when E <=
+    target), n_1 = round(E lambda), n_2 = round(E lambda^2), and n_3 absorbs the rounding so the average is
+    exact; counts are >= 1 and non-increasing. With an explicit `decay`, n_k = round(E decay^k).
+    """
+    e = min(max(1, round(encoder_factor * target)), n_stage1)
+    edges = (0, *boundaries, n_layers)
+    w = [edges[k + 1] - edges[k] for k in range(4)]
+    if decay is None:
+        goal = n_layers * target
+        if e * sum(w) <= goal:
+            lam = 1.0
+        else:
+            lo, hi = 0.0, 1.0
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                total = sum(w[k] * e * mid**k for k in range(4))
+                lo, hi = (mid, hi) if total < goal else (lo, mid)
+            lam = (lo + hi) / 2
+        n1, n2 = round(e * lam), round(e * lam**2)
+        n3 = round((goal - w[0] * e - w[1] * n1 - w[2] * n2) / w[3]) if w[3] else n2
+    else:
+        n1, n2, n3 = (round(e * decay**k) for k in (1, 2, 3))
+    counts = [e, n1, n2, n3]
+    for k in range(1, 4):
+        counts[k] = max(1, min(counts[k], counts[k - 1]))
+    return counts
+
+
+@register
+class VisionDropPolicy(Policy):
+    name = "visiondrop"
+    description = "VisionDrop: dominant selection + contextual merging on the vision output and at 3 LLM layers."
+    defaults: ClassVar[dict[str, Any]] = {
+        "encoder_factor": None,
+        "decay": None,
+        "ctx_div": 8,
+        "boundaries": None,
+        "include_cls": True,
+        "stage1_space": "pre_projector",
+    }
+
+    def validate(self) -> None:
+        for name in ("encoder_factor", "decay"):
+            value = self.options[name]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+                raise PolicyOptionError(f"visiondrop: {name} must be a positive number or None, got {value!r}")
+        if self.options["decay"] is not None and self.options["decay"] > 1:
+            raise PolicyOptionError("visiondrop: decay must lie in (0, 1]")
+        self._check_int("ctx_div", 1)
+        bounds = self.options["boundaries"]
+        if bounds is not None and (
+            len(bounds) != 3
+            or any(not isinstance(b, int) or isinstance(b, bool) for b in bounds)
+            or not 0 < bounds[0] < bounds[1] < bounds[2]
+        ):
+            raise PolicyOptionError(f"visiondrop: boundaries must be three increasing layer indices, got {bounds!r}")
+        if not isinstance(self.options["include_cls"], bool):
+            raise PolicyOptionError("visiondrop: include_cls must be True or False")
+        self._check_choice("stage1_space", ("pre_projector", "post_projector"))
+
+    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
+        self._info = info
+        bounds = tuple(self.options["boundaries"] or default_boundaries(info.n_llm_layers))
+        if bounds[-1] >= info.n_llm_layers:
+            raise PolicyOptionError(f"visiondrop: boundaries {bounds} exceed the LLM's {info.n_llm_layers} layers")
+        self._bounds = bounds
+        if info.family == "llava":
+            layer = info.vision_feature_layer
+            self._score = VisionSignal("cls", layer)
+            self._metric = VisionSignal("keys", layer)
+            stage1 = {"projector_input": True} if self._pre_projector else {"pre_llm": True}
+            return Plan(llm_layers=bounds, vision_signals=(self._score, self._metric), **stage1)
+        layer = info.n_vision_layers - 1 if info.family == "qwen2_5_vl" else info.vision_feature_layer
+        self._score = VisionSignal("received", layer)
+        self._metric = VisionSignal("keys", layer)
+        return Plan(pre_llm=True, llm_layers=bounds, vision_signals=(self._score, self._metric))
+
+    @property
+    def _pre_projector(self) -> bool:
+        """LLaVA-1.5 stage 1 in CLIP space with CLS (official) rather than on projector outputs."""
+        return self._info.family == "llava" and self.options["stage1_space"] == "pre_projector"
+
+    def default_positions(self, info: ModelInfo) -> str:
+        return "compact" if info.supports_compact_positions else "original"
+
+    def _counts(self, keep: Keep, n_content: int, n_stage1: int, video: bool) -> list[int]:
+        factor = self.options["encoder_factor"] or (3.0 if video else 1.5)
+        target = item_budget(keep, n_content)
+        return visiondrop_schedule(
+            target, n_stage1, self._info.n_llm_layers, self._bounds, factor, self.options["decay"]
+        )
+
+    # ---------------------------------------------------------------------------------- stage 1, LLaVA-1.5
+    def select_projector_input(self, ctx: ProjectorInputContext) -> list[Selection]:
+        include_cls = self.options["include_cls"]
+        n_patches = ctx.n_patches
+        out = []
+        for r in range(ctx.hidden.shape[0]):
+            scores = ctx.signals[self._score.key][r]  # CLS row over [CLS, patches]
+            metric = ctx.signals[self._metric.key][r]
+            count = self._counts(ctx.keep, n_patches, n_patches + int(include_cls), False)[0]
+            dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+            if include_cls:
+                top = topk_stable(scores[1:], dom_count - 1) + 1
+                dominant = torch.cat([torch.zeros(1, dtype=torch.long, device=top.device), top])
+                reps, values = merge_contextual(ctx.hidden[r], metric, dominant, ctx_count)
+            else:
+                dominant = topk_stable(scores[1:], dom_count)
+                reps, values = merge_contextual(ctx.hidden[r, 1:], metric[1:], dominant, ctx_count)
+                reps = reps + 1
+            out.append(Selection(reps, values, ordered=True))
+        return out
+
+    # ---------------------------------------------------------------------------------- stage 1, others
+    def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
+        shape = ctx.item.shape
+        content = ctx.content_available
+        video = ctx.item.modality == "video"
+        count = self._counts(ctx.keep, shape.n_content, content.numel(), video)[0]
+        dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+        dev = ctx.embeds.device
+        scores = ctx.signals[self._score.key][content.to(dev)]
+        metric = ctx.signals[self._metric.key][content.to(dev)]
+        dominant = topk_stable(scores, dom_count)
+        reps, values = merge_contextual(ctx.embeds[content.to(dev)], metric, dominant, ctx_count)
+        keep = content.to(dev)[reps]
+        tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # a video's newline
+        return Selection(torch.cat([keep, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True)
+
+    # ---------------------------------------------------------------------------------- LLM stages
+    def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
+        stage = self._bounds.index(ctx.layer) + 1
+        layout = ctx.layout
+        hidden = ctx.hidden_states
+        keys = ctx.head_mean_keys()
+        n_items = max((len(items) for items in ctx.items.per_sample), default=0)
+        per_sample: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layout.batch)]
+        for j in range(n_items):
+            query = layout.valid & layout.visual & (layout.item == j)
+            if not bool(query.any()):
+                continue
+            received = ctx.attention_received(query)
+            for b, items in enumerate(ctx.items.per_sample):
+                if j >= len(items):
+                    continue
+                slots = query[b].nonzero().flatten()
+                item = items[j]
+                video = item.modality == "video"
+                n_stage1 = item.shape.n_content + int(self._pre_projector and self.options["include_cls"])
+                count = self._counts(ctx.keep, item.shape.n_content, n_stage1, video)[stage]
+                if slots.numel() <= count:
+                    per_sample[b].append((slots, hidden[b, slots]))
+                    continue
+                dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+                dominant = topk_stable(received[b, slots], dom_count)
+                reps, values = merge_contextual(hidden[b, slots], keys[b, slots], dominant, ctx_count)
+                per_sample[b].append((slots[reps], values))
+        out = []
+        for parts in per_sample:
+            if not parts:  # a text-only sample in a batch with images
+                out.append(Selection(torch.zeros(0, dtype=torch.long)))
+                continue
+            out.append(Selection(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), ordered=True))
+        return out
