@@ -23,6 +23,9 @@ POLICY_CASES = {
     "hiprune": {},
     "holov": {},
     "visiondrop": {},
+    "mustdrop": {},
+    "atp": {},
+    "holitom": {},
 }
 
 

@@ -61,7 +61,9 @@ def test_disk_offloaded_model_gives_the_same_tokens(offloaded_llava, case):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
-@pytest.mark.parametrize("case", ["random", "pool", "fastv", "random-llm", "hiprune", "holov", "visiondrop"])
+@pytest.mark.parametrize(
+    "case", ["random", "pool", "fastv", "random-llm", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom"]
+)
 def test_bfloat16_generation_is_consistent(family, case):
     vlm = tiny(family, dtype=torch.bfloat16)
     inputs = image_inputs(vlm, 2)

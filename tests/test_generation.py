@@ -95,7 +95,7 @@ def test_cached_generation_equals_uncached_recompute(family, attn, batch, case, 
 
 
 def video_and_multi_cases():
-    for case in ("random", "pool", "fastv", "random-llm", "random-decode"):
+    for case in (c for c in POLICY_CASES if c != "random-vision"):
         for attn in ATTENTION:
             yield pytest.param("llava_onevision", attn, "video", case, id=f"ov-{attn}-video-{case}")
             yield pytest.param("qwen2_5_vl", attn, "video", case, id=f"qwen-{attn}-video-{case}")
@@ -150,7 +150,9 @@ def _selections(vlm, case, keep) -> tuple[list, dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", ["fastv", "pool", "random", "random-llm", "hiprune", "holov", "visiondrop"])
+@pytest.mark.parametrize(
+    "case", ["fastv", "pool", "random", "random-llm", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom"]
+)
 def test_sdpa_and_eager_select_the_same_tokens(family, case):
     sdpa = _selections(get_tiny(family, "sdpa"), case, 0.25)
     eager = _selections(get_tiny(family, "eager"), case, 0.25)
