@@ -19,7 +19,8 @@ Per family:
   one HoloV run over base + high-resolution tokens (newlines dropped, as HoloV's own LLaVA-NeXT path); a video
   is one run over all its frames, its trailing newline kept.
 
-C = max(1, floor(16 N / (9 K))) capped at N (the paper's floor(1024 / K) at N = 576).
+C = max(1, floor(16 N / (9 K))) capped at N (the paper's floor(1024 / K) at N = 576). `order="raster"` re-sorts the
+kept tokens into sequence order (the released code does not).
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ def holov_select(
     features: [N, D]; attention: [N]; budget: K; crops: C. Output order: crop order, descending attention inside
     a crop (ties -> lower index), whole saturated crops in original order. shortfall "zeros" (official) appends
     K - kept zero rows; "redistribute" (fixed) re-splits saturated crops' surplus so min(K, N) real tokens are
-    kept.
+    kept. C > N acts as C = N (the official code skips the empty crops).
     """
     n = attention.numel()
-    sizes_list = crop_sizes(n, crops)
+    sizes_list = crop_sizes(n, min(crops, n))
     sizes = torch.tensor(sizes_list)
     starts = [0, *torch.tensor(sizes_list).cumsum(0).tolist()[:-1]]
     scores = torch.stack(
@@ -150,6 +151,7 @@ class HoloVPolicy(Policy):
         "compat": None,
         "shortfall": None,
         "newlines": "drop",
+        "order": "official",
     }
 
     def validate(self) -> None:
@@ -159,6 +161,7 @@ class HoloVPolicy(Policy):
         self._check_int("crops", 1, allow_none=True)
         self._check_choice("compat", (None, "official", "fixed"))
         self._check_choice("shortfall", (None, "zeros", "redistribute"))
+        self._check_choice("order", ("official", "raster"))
         self._check_choice("newlines", tuple(m for m in NEWLINE_MODES if m != "keep"))
         if self.options["newlines"] == "keep_nonempty_rows" and self.options["shortfall"] == "zeros":
             raise PolicyOptionError(
@@ -200,6 +203,8 @@ class HoloVPolicy(Policy):
             return self._qwen_official(ctx, scores, budget, crops, shortfall)
         kept, n_pad = holov_select(features, attention, budget, crops, self.options["beta"], shortfall)
         local = content[kept]
+        if self.options["order"] == "raster":  # kept tokens back in sequence order, zero rows after them
+            local = torch.sort(local).values
         extra = structural_to_keep(shape, local, self.options["newlines"])
         if self.options["newlines"] == "keep_nonempty_rows":  # raster order, row newlines in place
             return Selection(torch.cat([local, extra]))
