@@ -48,6 +48,7 @@ from ..signals.attention import (
     qwen_vision_attention_received,
     qwen_vision_head_mean_keys,
 )
+from .accounting import policy_work
 from .compose import compose_prompt, compose_slots
 from .layout import Layout, compact_positions, first_positions, gather_hidden, take
 from .masks import decode_mask, prefill_mask
@@ -236,7 +237,26 @@ class Runtime:
                 )
                 for shape in shapes
             ]
+        call.workload = self._workload(capture, arguments, shapes, dropped)
         self.pending[capture.modality].append(call)
+
+    def _workload(self, capture: CallCapture, arguments, shapes, dropped: int) -> dict:
+        """What the vision side computed in one feature call (for FLOP accounting)."""
+        if self.adapter.vision_kind == "qwen":
+            key = "image_grid_thw" if capture.modality == "image" else "video_grid_thw"
+            return {"qwen_grids": [tuple(g) for g in torch.as_tensor(arguments[key]).tolist()]}
+        rows = max(shape.vision_rows[1] for shape in shapes)
+        vcfg = self.model.config.vision_config
+        tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + int(self.info.vision_has_cls)
+        widths = [tokens] * self.info.n_vision_layers
+        if capture.stage is not None:
+            width = capture.stage.slots.shape[1]
+            widths = [tokens] * self.plan.vision_layer + [width] * (self.info.n_vision_layers - self.plan.vision_layer)
+        per_row = widths[self.info.vision_feature_layer] if self.info.vision_feature_layer is not None else widths[-1]
+        per_row -= dropped
+        if capture.projected_reps is not None:
+            per_row = max(int(r.numel()) for r in capture.projected_reps)
+        return {"vision_rows": rows, "vision_widths": widths, "projector_tokens": rows * per_row}
 
     def _vision_signal_hook(self, sig):
         kind = self.adapter.vision_kind
@@ -246,7 +266,7 @@ class Runtime:
             if capture is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
+            with policy_work():
                 if kind == "qwen":
                     if sig.kind == "keys":
                         scores = qwen_vision_head_mean_keys(module, hidden)
@@ -288,7 +308,7 @@ class Runtime:
                 if self.replaying is not None:
                     selections = self._replayed_vision(capture.modality, hidden.shape[0])
                 else:
-                    with torch.no_grad():
+                    with policy_work():
                         selections = [
                             s if isinstance(s, Selection) else Selection(s) for s in self.policy.select_vision(ctx)
                         ]
@@ -342,7 +362,7 @@ class Runtime:
         pixels = capture.arguments[1].get("pixel_values", capture.arguments[0][0] if capture.arguments[0] else None)
         keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
         ctx = ProjectorInputContext(hidden, dict(capture.signals), self.keep, keys, self.info.vision_has_cls)
-        with torch.no_grad():
+        with policy_work():
             selections = self.policy.select_projector_input(ctx)
         rows, reps = [], []
         for r, sel in enumerate(selections):
@@ -499,6 +519,7 @@ class Runtime:
         calls = {m: list(c) for m, c in self.pending.items()}
         for c in self.pending.values():
             c.clear()
+        st.calls = [c for cs in calls.values() for c in cs]
         flat = self._flat_calls(calls, st.input_ids) if st.input_ids is not None else {}
         st.items = self._collect_items(st, flat)
         st.seconds["vision"] = sum(c.seconds for cs in calls.values() for c in cs)
@@ -563,7 +584,7 @@ class Runtime:
                         signals.get((it.modality, it.index_in_modality), {}),
                         embeds[b, it.start - 1] if it.start > 0 else None,
                     )
-                    with torch.no_grad():
+                    with policy_work():
                         sel = self.policy.select_pre_llm(ctx)
                 else:
                     sel = Selection(avail, ordered=True)  # the order a vision stage emitted them
@@ -885,7 +906,7 @@ class Runtime:
                 st.layout0,
                 st.notes.append,
             )
-            with torch.no_grad():
+            with policy_work():
                 selections = self.policy.select_llm(ctx)
             if self.decisions is not None:
                 self.decisions.llm[index] = [
@@ -930,7 +951,7 @@ class Runtime:
             if st is None or not st.active or st.phase != "prefill":
                 return None
             hidden = kwargs["hidden_states"]
-            with torch.no_grad():
+            with policy_work():
                 mask = kwargs.get("attention_mask")
                 if sig.kind == "last_row":
                     rows = torch.tensor([-1], device=hidden.device)
@@ -957,7 +978,7 @@ class Runtime:
             self.info, list(st.layer_layouts), st.items, self.keep, self._sample_keys(), self.plan.llm_layers
         )
         renumber = self.positions == "compact" and self.policy.decode_positions(self.info) == "cache_length"
-        with torch.no_grad():
+        with policy_work():
             edits = self.policy.select_decode(ctx)
         for layer, selections in edits.items():
             prev = st.layer_layouts[layer]
@@ -1002,4 +1023,7 @@ class Runtime:
                 records.append(ItemRecord(it.modality, it.length, it.shape.n_content, n_content, kept_idx, padded))
             samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
         record = ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds), list(dict.fromkeys(st.notes)))
+        record.width_per_layer = [lay.length for lay in layouts]
+        record.cache_width_per_layer = [lay.length for lay in (st.layer_layouts or layouts)]
+        record.vision = [c.workload for c in st.calls if c.workload is not None]
         self.stats.history.append(record)

@@ -28,6 +28,7 @@ class VisionCall:
     seconds: float = 0.0
     kept_rows: list[torch.Tensor] | None = None
     overrides: list[Any] | None = None  # per item: `Selection` replacing its tokens (projector-input stage)
+    workload: dict | None = None  # what the vision side computed (FLOP accounting)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ForwardState:
     seconds: dict[str, float] = field(default_factory=dict)
     item_kept: list[list[tuple[torch.Tensor, int]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    calls: list[VisionCall] = field(default_factory=list)
     step_cache: dict = field(default_factory=dict)
 
 
@@ -122,6 +124,9 @@ class ForwardRecord:
     samples: list[SampleRecord]
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    width_per_layer: list[int] = field(default_factory=list)  # padded tokens each layer processed (batch)
+    cache_width_per_layer: list[int] = field(default_factory=list)  # padded KV entries per layer after prefill
+    vision: list[dict] = field(default_factory=list)  # vision workload per feature call
 
     def __repr__(self) -> str:
         rows = [

@@ -1,0 +1,217 @@
+"""Built-in configs of real checkpoints, typed in from their public `config.json` files (no download).
+
+`build_config(name, text_layers=None)` returns the transformers config; a model built from it on the meta
+device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and the FLOP-counter checks use;
+`--random-weights` benchmarks instantiate it for real (optionally with fewer layers).
+
+Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct,
+llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf. Only what shapes compute is reproduced (no token ids beyond the
+placeholders, no generation settings).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+SIGLIP_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    vision_use_head=False,
+)
+QWEN25_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    hidden_act="silu",
+)
+
+BUILTIN: dict[str, dict[str, Any]] = {
+    "llava-1.5-7b": dict(
+        family="llava",
+        vision=CLIP_L_336,
+        text=dict(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+        top=dict(image_token_index=32000, image_seq_length=576, vision_feature_layer=-2),
+    ),
+    "llava-1.5-13b": dict(
+        family="llava",
+        vision=CLIP_L_336,
+        text=dict(
+            vocab_size=32064,
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        ),
+        top=dict(image_token_index=32000, image_seq_length=576, vision_feature_layer=-2),
+    ),
+    "qwen2.5-vl-3b": dict(
+        family="qwen2_5_vl",
+        vision={**QWEN25_VISION, "out_hidden_size": 2048},
+        text=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        top=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652),
+    ),
+    "qwen2.5-vl-7b": dict(
+        family="qwen2_5_vl",
+        vision={**QWEN25_VISION, "out_hidden_size": 3584},
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        top=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652),
+    ),
+    "llava-onevision-qwen2-0.5b": dict(
+        family="llava_onevision",
+        vision=SIGLIP_SO400M,
+        text=dict(
+            vocab_size=152000,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+        top=dict(image_token_index=151646, video_token_index=151647),
+    ),
+    "llava-onevision-qwen2-7b": dict(
+        family="llava_onevision",
+        vision=SIGLIP_SO400M,
+        text=dict(
+            vocab_size=152128,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+        ),
+        top=dict(image_token_index=151646, video_token_index=151647),
+    ),
+}
+
+
+def builtin_names() -> list[str]:
+    return sorted(BUILTIN)
+
+
+def build_config(name: str, text_layers: int | None = None, vision_layers: int | None = None):
+    """The transformers config of built-in model `name` (optionally with fewer LLM / vision layers)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaOnevisionConfig,
+        Qwen2_5_VLConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    if name not in BUILTIN:
+        raise KeyError(f"unknown built-in model {name!r}; built-in: {', '.join(builtin_names())}")
+    spec = BUILTIN[name]
+    text = dict(spec["text"])
+    vision = dict(spec["vision"])
+    if text_layers is not None:
+        text["num_hidden_layers"] = text_layers
+    family = spec["family"]
+    if family == "llava":
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(**vision),
+            text_config=LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            **spec["top"],
+        )
+    if family == "qwen2_5_vl":
+        if vision_layers is not None:
+            vision["depth"] = vision_layers
+            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [
+                vision_layers - 1
+            ]
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **spec["top"])
+    if vision_layers is not None:
+        vision["num_hidden_layers"] = vision_layers
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**vision),
+        text_config=Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+        **spec["top"],
+    )
+
+
+def model_class(family: str):
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+    )
+
+    return {
+        "llava": LlavaForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    }[family]
