@@ -77,6 +77,101 @@ def demo(
     console.print(table)
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """`key=value` strings -> policy options (ints, floats, booleans, None and tuples "a,b" understood)."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise typer.BadParameter(f"option {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        text = {"true": "True", "false": "False", "none": "None"}.get(raw.lower(), raw)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = raw
+        options[key.strip()] = value
+    return options
+
+
+def parse_keep(text: str):
+    """'0.111' -> float, '64' -> int tokens per image."""
+    return int(text) if text.isdigit() else float(text)
+
+
+@app.command("flops")
+def flops_command(
+    model: str = typer.Option("llava-1.5-7b", help="built-in model (see --list)"),
+    policy: str = typer.Option("none", help="policy name"),
+    keep: str = typer.Option("0.111", help="float fraction or int tokens per image"),
+    text_tokens: int = typer.Option(60, help="text tokens in the prompt"),
+    images: int = typer.Option(1, help="images in the prompt"),
+    image_size: str = typer.Option("", help="HxW of each image (Qwen2.5-VL default 448x448, OneVision 768x768)"),
+    frames: int = typer.Option(0, help="price a video of this many frames instead of images"),
+    option: list[str] = typer.Option([], "--option", "-o", help="policy option key=value (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    list_models: bool = typer.Option(False, "--list", help="list the built-in models and exit"),
+) -> None:
+    """Analytic FLOPs of one prefill and one decode step, unpruned vs. a policy, without weights."""
+    import json
+
+    from .budget import validate_keep
+    from .configs import builtin_names
+    from .errors import TokenzipError
+    from .policies import get_policy_class
+    from .pricing import meta_model, price, workload
+
+    if list_models:
+        console.print("\n".join(builtin_names()))
+        return
+    if model not in builtin_names():
+        raise typer.BadParameter(f"unknown model {model!r}; built-in models: {', '.join(builtin_names())}")
+    size = None
+    if image_size:
+        try:
+            h, w = (int(x) for x in image_size.lower().split("x"))
+        except ValueError as err:
+            raise typer.BadParameter(f"--image-size must look like 448x448, got {image_size!r}") from err
+        size = (h, w)
+    try:
+        keep_value = validate_keep(parse_keep(keep))
+        policy_obj = get_policy_class(policy)(**parse_options(option))
+        meta = meta_model(model)
+        work = workload(meta, images=images, image_size=size, frames=frames, text_tokens=text_tokens)
+        base = price(meta, work, get_policy_class("none")(), 1.0)
+        cost = price(meta, work, policy_obj, keep_value)
+    except (TokenzipError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+    visual = sum(s.n_content for s in work.shapes)
+    result = {
+        "model": model,
+        "policy": policy,
+        "keep": keep_value,
+        "visual_tokens": visual,
+        "unpruned": base.as_dict(),
+        "policy_flops": cost.as_dict(),
+        "prefill_ratio": cost.prefill / base.prefill,
+        "llm_ratio": cost.llm / base.llm,
+    }
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    what = f"{frames}-frame video" if frames else f"{images} image(s)"
+    table = Table(
+        "component", "unpruned TFLOPs", f"{policy} TFLOPs", "ratio",
+        title=f"{model}: {what}, {visual} visual tokens, {text_tokens} text tokens, keep={keep_value}",
+    )  # fmt: skip
+    for name in ("vision", "projector", "llm", "lm_head", "prefill", "decode_step"):
+        a, b = base.as_dict()[name], cost.as_dict()[name]
+        table.add_row(name, f"{a / 1e12:.4f}", f"{b / 1e12:.4f}", f"{b / a:.3f}" if a else "-")
+    console.print(table)
+    console.print(
+        "policy scoring overhead is not included here (it depends on the data): `tokenzip bench` measures it. "
+        "FLOPs = 2 x multiply-adds, attention as the full square (see tokenzip.flops)."
+    )
+
+
 def main() -> None:  # pragma: no cover
     app()
 

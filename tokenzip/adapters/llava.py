@@ -28,13 +28,13 @@ class LlavaAdapter(ViTTowerAdapter):
         return arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
 
     def item_shapes(self, modality: str, arguments: dict[str, Any], output: Any, check: bool = True) -> list[ItemShape]:
-        feats = output.pooler_output
+        feats = output.pooler_output if output is not None else [None] * int(arguments["pixel_values"].shape[0])
         g = self.grid
         leading = 1 if self._strategy(arguments) == "full" else 0
         shapes = []
         for i, f in enumerate(feats):
             shape = ItemShape("image", (GridPart(leading, 1, g, g),), leading=leading, vision_rows=(i, i + 1))
-            if check and f.shape[0] != shape.length:
+            if check and f is not None and f.shape[0] != shape.length:
                 raise UnsupportedModelError(
                     f"LLaVA image {i} has {f.shape[0]} feature tokens, expected {shape.length} for a {g}x{g} grid; "
                     "only fixed-resolution LLaVA-1.5 towers are supported"

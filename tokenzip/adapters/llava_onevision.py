@@ -97,8 +97,8 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
                 shape = ItemShape("image", parts, vision_rows=(row, row + n_tiles))
             else:
                 shape = ItemShape("image", (GridPart(0, 1, g, g),), trailing=1, vision_rows=(row, row + 1))
-            got = output.pooler_output[i].shape[0]
-            if check and got != shape.length:
+            got = output.pooler_output[i].shape[0] if check else shape.length
+            if got != shape.length:
                 raise UnsupportedModelError(
                     f"LLaVA-OneVision image {i}: the model packed {got} tokens, tokenzip's geometry gives "
                     f"{shape.length}; this transformers version packs features differently"

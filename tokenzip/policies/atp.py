@@ -33,6 +33,7 @@ from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
+from .nominal import Nominal, staged
 from .registry import register
 
 OFFICIAL_LAYERS = (2, 8, 16)  # of 32 (tokenzip's starting point; ATP's insertion layers are unpublished)
@@ -211,6 +212,14 @@ class ATPPolicy(Policy):
             llm_layers=tuple(p + 1 for p in layers),
             llm_signals=tuple(LLMSignal("rows_from_visual", p) for p in layers),
         )
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """The topk schedule (exact); adaptive schedules vary per instance and are priced at the topk counts."""
+        self.plan(info, keep)
+        n = shape.n_content
+        counts = atp_schedule(item_budget(keep, n), n, self._prune, info.n_llm_layers)
+        stages = tuple(p + 1 for p in self._prune)
+        return Nominal(staged(n, counts, stages, info.n_llm_layers, shape.length - n))
 
     def _coords(self, ctx: LLMStageContext, b: int, visual: torch.Tensor) -> torch.Tensor:
         """Original (part, frame, row, col) of each visual slot of sample b (unique per item and grid)."""

@@ -18,6 +18,8 @@ from ..contexts import (
     VisionStageContext,
 )
 from ..errors import PolicyOptionError
+from ..items import ItemShape
+from .nominal import Nominal
 
 
 class Policy:
@@ -56,6 +58,11 @@ class Policy:
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         """The stages and signals this policy uses on a model described by `info`."""
         raise NotImplementedError
+
+    def nominal(self, info: ModelInfo, shape: ItemShape, keep: Keep) -> Nominal:
+        """Predicted tokens of one item per decoder layer on a model described by `info` (see
+        `tokenzip.policies.nominal`); used to price the policy without running it."""
+        raise NotImplementedError(f"policy {self.name!r} has no nominal schedule")
 
     def select_vision(self, ctx: VisionStageContext) -> list[Selection | torch.Tensor]:
         """Per vision row: the patches (0-based, CLS excluded; CLS always stays first) that continue through the

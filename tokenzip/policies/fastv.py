@@ -14,11 +14,12 @@ import math
 from typing import Any, ClassVar
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, one_stage_llm_count
+from ..budget import Keep, item_budget, one_stage_llm_count
 from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
 from ..errors import BudgetError, PolicyOptionError
 from ..ops.topk import topk_keep_order
 from .base import Policy
+from .nominal import Nominal, staged
 from .registry import register
 
 
@@ -57,6 +58,14 @@ class FastVPolicy(Policy):
                 f"fastv: layer={k} but the LLM has {info.n_llm_layers} layers (0..{info.n_llm_layers - 1})"
             )
         return Plan(llm_layers=(k,), llm_signals=(LLMSignal("last_row", k - 1),))
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        k, n = self.options["layer"], shape.n_content
+        if self.options["ratio"] is not None:
+            kept = min(n, max(1, round(float(self.options["ratio"]) * n)))
+        else:
+            kept = fastv_count(item_budget(keep, n), n, k, info.n_llm_layers)
+        return Nominal(staged(n, [kept], (k,), info.n_llm_layers, shape.length - n))
 
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
         k = self.options["layer"]

@@ -27,12 +27,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep
+from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
 from .common import NEWLINE_MODES, structural_to_keep
+from .nominal import Nominal, structural
 from .registry import register
 from .units import grid_units, proportional_two, split_evenly
 
@@ -148,6 +149,11 @@ class HiPrunePolicy(Policy):
         self._info, self._layers = info, (obj, deep)
         signals = (VisionSignal("received", obj), VisionSignal("received", deep))
         return Plan(pre_llm=True, vision_signals=tuple(dict.fromkeys(signals)))
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """K per item (exact); newlines as `newlines` ('keep_nonempty_rows' assumes every row kept)."""
+        budget = item_budget(keep, shape.n_content)
+        return Nominal([budget + structural(shape, self.options["newlines"])] * info.n_llm_layers)
 
     def compat(self) -> str:
         if self.options["compat"] is not None:

@@ -34,6 +34,7 @@ from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
 from .common import structural_to_keep
+from .nominal import Nominal, staged
 from .registry import register
 
 
@@ -273,6 +274,23 @@ class HoliTomPolicy(Policy):
             llm_keep_positions=True,
             noncausal_layers=(layer - 1,) if inner and self.options["noncausal_km1"] else (),
         )
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """Outer: ceil(N_frame rho) per frame (no static tokens assumed: the DP saves nothing) or ceil(N rho) for an
+        image (+ its newlines, every row assumed kept); inner: round(n (1 - r)) of the span from layer K on."""
+        self.plan(info, keep)
+        rho, _, r = self._ratios(keep, shape.n_content)
+        if shape.modality == "video":
+            part = shape.parts[0]
+            outer = part.frames * math.ceil(part.rows * part.cols * rho) + shape.trailing
+        elif self.options["image_mode"] == "passthrough":
+            outer = shape.length
+        else:
+            outer = math.ceil(shape.n_content * rho) + (shape.length - shape.n_content)
+        if not self.options["inner"]:
+            return Nominal([outer] * info.n_llm_layers)
+        inner = max(1, round(outer * (1 - r)))
+        return Nominal(staged(outer, [inner], (self._layer,), info.n_llm_layers, 0))
 
     def _fraction(self, keep: Keep, n_content: int) -> float:
         return item_budget(keep, n_content) / n_content

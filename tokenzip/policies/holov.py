@@ -30,12 +30,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep
+from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
 from .common import NEWLINE_MODES, structural_to_keep
+from .nominal import Nominal, structural
 from .registry import register
 
 EPS = 1e-6
@@ -178,6 +179,11 @@ class HoloVPolicy(Policy):
             signal = VisionSignal("received", info.vision_feature_layer)
         self._signal = signal
         return Plan(pre_llm=True, vision_signals=(signal,))
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """K rows per item (zero rows of the official shortfall included); the trailing newline of a video."""
+        budget = item_budget(keep, shape.n_content)
+        return Nominal([budget + structural(shape, self.options["newlines"])] * info.n_llm_layers)
 
     def compat(self) -> str:
         if self.options["compat"] is not None:

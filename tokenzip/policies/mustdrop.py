@@ -42,6 +42,7 @@ from ..contexts import (
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
+from .nominal import Nominal, staged
 from .registry import register
 from .units import grid_units
 
@@ -258,6 +259,25 @@ class MustDropPolicy(Policy):
             vision_signals=(self._key_signal,),
             llm_signals=signals,
         )
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """Budget schedule assuming no window reaches the merge threshold (r = 0; real images merge some, which
+        only lowers the counts); a video's trailing newline stays; caches trimmed to the final count."""
+        self.plan(info, keep)
+        n = shape.n_content
+        n_key = math.ceil(self.options["key_rate"] * n)
+        if self.options["schedule"] == "thresholds":
+            counts = [n] * len(self._prune)  # thresholds are data-dependent: priced as no dropping
+        else:
+            counts, _ = mustdrop_schedule(
+                item_budget(keep, n), n, n_key, self._prune, info.n_llm_layers, self.options["budget_count"]
+            )
+        extra = shape.trailing
+        tokens = staged(n, counts, tuple(p + 1 for p in self._prune), info.n_llm_layers, extra)
+        cache = list(tokens)
+        for layer in range(self._prune[0], self._prune[-1] + 1):
+            cache[layer] = counts[-1] + extra
+        return Nominal(tokens, cache)
 
     def compat(self) -> str:
         if self.options["compat"] is not None:

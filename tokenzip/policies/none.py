@@ -6,6 +6,7 @@ from ..adapters.base import ModelInfo
 from ..budget import Keep
 from ..contexts import Plan
 from .base import Policy
+from .nominal import Nominal
 from .registry import register
 
 
@@ -16,3 +17,6 @@ class NonePolicy(Policy):
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         return Plan()
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        return Nominal([shape.length] * info.n_llm_layers)

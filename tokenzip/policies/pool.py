@@ -7,12 +7,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep
+from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection
 from ..errors import PolicyOptionError
 from ..ops.pool import pool_grid, pool_windows, pooled_grid_shape
 from .base import Policy
 from .common import split_budget
+from .nominal import Nominal
 from .registry import register
 
 
@@ -36,6 +37,17 @@ class PoolPolicy(Policy):
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         return Plan(pre_llm=True)
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """Exact: the pooled grids of every part / frame (+ their newlines)."""
+        units = [(part, f) for part in shape.parts for f in range(part.frames)]
+        shares = split_budget(item_budget(keep, shape.n_content), [p.rows * p.cols for p, _ in units])
+        total = shape.leading + shape.trailing
+        for (part, _), share in zip(units, shares, strict=True):
+            if share:
+                r, c = pooled_grid_shape(part.rows, part.cols, share)
+                total += r * c + (r if part.newline_per_row and self.options["newlines"] == "keep" else 0)
+        return Nominal([total] * info.n_llm_layers)
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         shape = ctx.item.shape

@@ -18,6 +18,7 @@ from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selecti
 from ..errors import BudgetError
 from .base import Policy
 from .common import NEWLINE_MODES, generator, structural_to_keep
+from .nominal import Nominal, staged, structural
 from .registry import register
 
 STAGES = ("pre_llm", "vision", "llm", "decode")
@@ -60,6 +61,23 @@ class RandomPolicy(Policy):
         if stage == "llm":
             return Plan(llm_layers=(self.layer,))
         return Plan(decode=True)
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """Exact counts; newlines assumed kept in every row ('keep_nonempty_rows')."""
+        stage, n_layers = self.options["stage"], info.n_llm_layers
+        n, budget = shape.n_content, item_budget(keep, shape.n_content)
+        other = shape.length - shape.n_content
+        if stage == "pre_llm":
+            return Nominal([budget + structural(shape, self.options["newlines"])] * n_layers)
+        if stage == "vision":
+            width = 1 + budget  # CLS + kept patches
+            widths = [1 + n] * self.layer + [width] * (info.n_vision_layers - self.layer)
+            return Nominal([budget + other] * n_layers, vision_widths=widths)
+        if stage == "llm":
+            kept = min(n, max(1, round(one_stage_llm_count(budget, n, self.layer, n_layers))))
+            return Nominal(staged(n, [kept], (self.layer,), n_layers, other))
+        cache = [shape.length] * self.layer + [budget + other] * (n_layers - self.layer)
+        return Nominal([shape.length] * n_layers, cache)
 
     def select_vision(self, ctx: VisionStageContext) -> list[torch.Tensor]:
         n = ctx.n_patches

@@ -35,6 +35,7 @@ from ..contexts import LLMStageContext, Plan, PreLLMItem, ProjectorInputContext,
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
 from .base import Policy
+from .nominal import Nominal, staged
 from .registry import register
 
 
@@ -172,6 +173,14 @@ class VisionDropPolicy(Policy):
         self._score = VisionSignal("received", layer)
         self._metric = VisionSignal("keys", layer)
         return Plan(pre_llm=True, llm_layers=bounds, vision_signals=(self._score, self._metric))
+
+    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
+        """Exact stage counts; LLaVA's stage 1 includes CLS; a video's trailing newline stays."""
+        self.plan(info, keep)
+        video = shape.modality == "video"
+        n_stage1 = shape.n_content + int(self._pre_projector and self.options["include_cls"])
+        counts = self._counts(keep, shape.n_content, n_stage1, video)
+        return Nominal(staged(counts[0], counts[1:], self._bounds, info.n_llm_layers, shape.trailing))
 
     @property
     def _pre_projector(self) -> bool:
