@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -62,7 +64,7 @@ def demo(
                 reference = uncached_logits(vlm.model, inputs, tokens)
             record = patch.stats.history[0]
         sample = record.samples[0]
-        selection = sum(v for k, v in record.seconds.items() if k != "vision") * 1e3
+        selection = sum(v for k, v in record.seconds.items() if k != "vision_encoder") * 1e3
         same = bool(torch.allclose(logits, reference, atol=1e-4))
         table.add_row(
             name,
@@ -170,6 +172,133 @@ def flops_command(
         "policy scoring overhead is not included here (it depends on the data): `tokenzip bench` measures it. "
         "FLOPs = 2 x multiply-adds, attention as the full square (see tokenzip.flops)."
     )
+
+
+DEFAULT_KEEPS = "0.111,0.222,0.333"
+
+
+def parse_size(text: str, flag: str) -> tuple[int, int] | None:
+    """'448x448' -> (448, 448); '' -> None."""
+    if not text:
+        return None
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError as err:
+        raise typer.BadParameter(f"{flag} must look like 448x448, got {text!r}") from err
+    return h, w
+
+
+def parse_policy_options(pairs: list[str]) -> dict[str, dict]:
+    """'hiprune.alpha=0.2' strings -> {policy: {option: value}}."""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        head, _, _ = pair.partition("=")
+        if "." not in head:
+            raise typer.BadParameter(f"--option {pair!r} must look like policy.key=value (e.g. hiprune.alpha=0.2)")
+        policy, _key = head.split(".", 1)
+        out.setdefault(policy, {}).update(parse_options([pair[len(policy) + 1 :]]))
+    return out
+
+
+@app.command("bench")
+def bench_command(
+    model: str = typer.Option(
+        "tiny-llava",
+        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision (offline), a built-in config with "
+        "--random-weights, or a hub id / local checkpoint directory",
+    ),
+    random_weights: bool = typer.Option(False, "--random-weights", help="real-shaped model from a built-in config"),
+    text_layers: int = typer.Option(0, help="with --random-weights: LLM layers (0 = as the config)"),
+    vision_layers: int = typer.Option(0, help="with --random-weights: vision layers (0 = as the config)"),
+    policies: str = typer.Option("all", help="comma-separated policy names, or 'all'"),
+    keeps: str = typer.Option(DEFAULT_KEEPS, help="comma-separated keeps (fractions or int tokens per image)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="policy option policy.key=value (repeatable)"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    attn: str = typer.Option("sdpa", help="sdpa, flash_attention_2 or eager"),
+    images: int = typer.Option(1, help="images per prompt"),
+    image_size: str = typer.Option("", help="HxW of each image (default: the model's natural size)"),
+    image: str = typer.Option("", help="an image file to use instead of a synthetic one (pretrained models)"),
+    frames: int = typer.Option(0, help="a video of this many frames instead of images"),
+    text_tokens: int = typer.Option(60, help="text tokens of a synthetic prompt (random-weight models)"),
+    prompt: str = typer.Option("Describe the image in detail .", help="the question (tiny / pretrained models)"),
+    batch: int = typer.Option(1, help="identical prompts per batch"),
+    warmup: int = typer.Option(1, help="unmeasured runs per row"),
+    repeats: int = typer.Option(5, help="measured runs per row (median and p90 reported)"),
+    decode_tokens: int = typer.Option(16, help="tokens generated for decode speed and agreement (0: skip)"),
+    no_flops_count: bool = typer.Option(False, "--no-flops-count", help="skip counting the policies' own FLOPs"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for results.json, results.csv and the plots"),
+    seed: int = typer.Option(0, help="seed of random weights and synthetic inputs"),
+) -> None:
+    """Measure policies side by side: tokens, FLOPs, TTFT per stage and vs. the oracle, decode speed, memory.
+
+    With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy at keep 0.111 / 0.222 /
+    0.333 plus the unpruned reference, and writes results.json, results.csv, quality_vs_flops.png and
+    ttft_vs_keep.png into ./bench-results.
+    """
+    import shlex
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import BenchSettings, Workload, load_model, run_bench
+    from .bench.report import table, write
+    from .errors import TokenzipError
+    from .policies import list_policies
+
+    known = list(list_policies())
+    names = [p for p in known if p != "none"] if policies == "all" else [p.strip() for p in policies.split(",")]
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(known)}")
+    try:
+        settings = BenchSettings(
+            policies=names,
+            keeps=[parse_keep(k.strip()) for k in keeps.split(",") if k.strip()],
+            options=parse_policy_options(option),
+            warmup=warmup,
+            repeats=repeats,
+            decode_tokens=decode_tokens,
+            count_flops=not no_flops_count,
+        )
+        work = Workload(
+            images=images,
+            image_size=parse_size(image_size, "--image-size"),
+            frames=frames,
+            text_tokens=text_tokens,
+            batch=batch,
+            prompt=prompt,
+            image_path=image or None,
+        )
+        bm = load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            random_weights=random_weights,
+            text_layers=text_layers or None,
+            vision_layers=vision_layers or None,
+            seed=seed,
+        )
+    except (TokenzipError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+    total = 1 + len([p for p in names if p != "none"]) * len(settings.keeps)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{bm.name}: unpatched reference", total=total)
+
+        def on_row(row) -> None:
+            progress.update(task, advance=1, description=f"{bm.name}: {row.policy} keep={row.keep}")
+
+        try:
+            result = run_bench(bm, work, settings, on_row=on_row)
+        except (TokenzipError, ValueError) as err:
+            raise typer.BadParameter(str(err)) from err
+    wide = console if console.is_terminal else Console(width=200)
+    wide.print(table(result))
+    command = "tokenzip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write(result, out, command)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def main() -> None:  # pragma: no cover

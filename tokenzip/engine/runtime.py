@@ -201,10 +201,15 @@ class Runtime:
         def wrapper(*args, **kwargs):
             capture = CallCapture(modality, (args, kwargs))
             self._call = capture
+            device = self.adapter.base.device
+            _sync(device)
+            start = time.perf_counter()
             try:
                 out = original(*args, **kwargs)
             finally:
                 self._call = None
+            _sync(device)
+            capture.call_seconds = time.perf_counter() - start
             self._record_call(capture, original, out)
             return out
 
@@ -218,7 +223,14 @@ class Runtime:
         stage = capture.stage
         shapes = self.adapter.item_shapes(capture.modality, arguments, out, check=stage is None)
         call = VisionCall(
-            capture.modality, arguments, shapes, capture.signals, seconds=capture.seconds, kept_rows=capture.kept_rows
+            capture.modality,
+            arguments,
+            shapes,
+            capture.signals,
+            seconds=capture.seconds,
+            call_seconds=capture.call_seconds,
+            kept_rows=capture.kept_rows,
+            projector_rows=capture.projector_rows,
         )
         strategy = arguments.get("vision_feature_select_strategy") or getattr(
             self.model.config, "vision_feature_select_strategy", "full"
@@ -263,9 +275,11 @@ class Runtime:
 
         def hook(module, args, kwargs):
             capture = self._call
-            if capture is None:
+            if capture is None or self.replaying is not None:  # a replay reuses decisions: no scoring
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
+            _sync(hidden.device)
+            start = time.perf_counter()
             with policy_work():
                 if kind == "qwen":
                     if sig.kind == "keys":
@@ -286,6 +300,8 @@ class Runtime:
                             scores, capture.stage.slots, capture.stage.valid, capture.stage.full_length
                         )
             capture.signals[sig.key] = scores
+            _sync(hidden.device)
+            capture.seconds += time.perf_counter() - start
             return None
 
         return hook
@@ -361,9 +377,13 @@ class Runtime:
         start = time.perf_counter()
         pixels = capture.arguments[1].get("pixel_values", capture.arguments[0][0] if capture.arguments[0] else None)
         keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
-        ctx = ProjectorInputContext(hidden, dict(capture.signals), self.keep, keys, self.info.vision_has_cls)
-        with policy_work():
-            selections = self.policy.select_projector_input(ctx)
+        if self.replaying is not None:
+            selections = self._replayed_projector(capture.modality, hidden.shape[0])
+        else:
+            ctx = ProjectorInputContext(hidden, dict(capture.signals), self.keep, keys, self.info.vision_has_cls)
+            with policy_work():
+                selections = self.policy.select_projector_input(ctx)
+        capture.projector_rows = list(selections)
         rows, reps = [], []
         for r, sel in enumerate(selections):
             keep = sel.keep.to(hidden.device).long()
@@ -392,7 +412,14 @@ class Runtime:
         return output.new_zeros(rows, length, output.shape[-1])  # the model's own count; replaced at the LLM input
 
     def _replayed_vision(self, modality: str, rows: int) -> list[Selection]:
-        calls = self.replaying.vision.get(modality, [])
+        return self._replayed_call(self.replaying.vision, modality, rows)
+
+    def _replayed_projector(self, modality: str, rows: int) -> list[Selection]:
+        return self._replayed_call(self.replaying.projector, modality, rows)
+
+    def _replayed_call(self, recorded: dict, modality: str, rows: int) -> list[Selection]:
+        """The recorded per-row selections of this feature call (calls are matched by their order)."""
+        calls = recorded.get(modality, [])
         index = len(self.pending[modality])
         if index >= len(calls) or len(calls[index]) != rows:
             raise UnsupportedInputError("replay: this prefill's images differ from the recorded prefill's")
@@ -522,7 +549,10 @@ class Runtime:
         st.calls = [c for cs in calls.values() for c in cs]
         flat = self._flat_calls(calls, st.input_ids) if st.input_ids is not None else {}
         st.items = self._collect_items(st, flat)
-        st.seconds["vision"] = sum(c.seconds for cs in calls.values() for c in cs)
+        vision_calls = [c for cs in calls.values() for c in cs]
+        inside = sum(c.seconds for c in vision_calls)
+        st.seconds["vision_encoder"] = sum(c.call_seconds for c in vision_calls) - inside
+        st.seconds["vision_stage"] = inside
         if not st.items:
             return None
         st.active = True
@@ -630,7 +660,8 @@ class Runtime:
                 )
             return
         vision = {m: [c.kept_rows for c in cs if c.kept_rows is not None] for m, cs in calls.items()}
-        self.decisions = Decisions(batch=batch, prompt_len=length, vision=vision)
+        projector = {m: [c.projector_rows for c in cs if c.projector_rows is not None] for m, cs in calls.items()}
+        self.decisions = Decisions(batch=batch, prompt_len=length, vision=vision, projector=projector)
 
     def _start_layers(self, st: ForwardState) -> None:
         st.current = st.layout0
@@ -948,9 +979,11 @@ class Runtime:
     def _llm_signal_hook(self, sig):
         def hook(module, args, kwargs, output):
             st = self.state
-            if st is None or not st.active or st.phase != "prefill":
+            if st is None or not st.active or st.phase != "prefill" or self.replaying is not None:
                 return None
             hidden = kwargs["hidden_states"]
+            _sync(hidden.device)
+            start = time.perf_counter()
             with policy_work():
                 mask = kwargs.get("attention_mask")
                 if sig.kind == "last_row":
@@ -966,6 +999,8 @@ class Runtime:
                 else:
                     raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual")
             st.signals[sig.key] = scores
+            _sync(hidden.device)
+            st.seconds["llm_signals"] = st.seconds.get("llm_signals", 0.0) + time.perf_counter() - start
             return None
 
         return hook

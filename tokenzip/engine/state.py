@@ -25,8 +25,10 @@ class VisionCall:
     shapes: list[ItemShape]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     available: list[torch.Tensor] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # policy work inside the call (signals, vision / projector-input stages)
+    call_seconds: float = 0.0  # the whole call
     kept_rows: list[torch.Tensor] | None = None
+    projector_rows: list[Any] | None = None  # projector-input `Selection` per tower row (for replay)
     overrides: list[Any] | None = None  # per item: `Selection` replacing its tokens (projector-input stage)
     workload: dict | None = None  # what the vision side computed (FLOP accounting)
 
@@ -49,8 +51,10 @@ class CallCapture:
     arguments: tuple[tuple, dict]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     stage: VisionStageState | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # policy work inside the call
+    call_seconds: float = 0.0  # the whole call
     kept_rows: list[torch.Tensor] | None = None  # vision-stage decision per row (for replay)
+    projector_rows: list[Any] | None = None  # projector-input decision per row (for replay)
     feature_out: torch.Tensor | None = None  # output of the vision feature layer (projector-input stage)
     projected_reps: list[torch.Tensor] | None = None  # per row: tower token each projected token stands for
     projector_shape: tuple[int, int] | None = None
@@ -163,6 +167,7 @@ class Decisions:
     """Every selection of one prefill, in prompt coordinates, so a later prefill can replay it.
 
     vision:  modality -> per feature call -> per tower row, kept token indices (CLS included).
+    projector: modality -> per feature call -> per tower row, the projector-input `Selection`.
     pre_llm: per sample -> per item, the `Selection` (item-local indices).
     llm:     layer -> per sample (kept LLM-input slots of visual tokens [n], values or None, ordered).
     decode:  layer -> per sample, LLM-input slots of the visual tokens kept in that layer's cache.
@@ -174,6 +179,7 @@ class Decisions:
     batch: int
     prompt_len: int
     vision: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
+    projector: dict[str, list[list[Any]]] = field(default_factory=dict)
     pre_llm: list[list[Any]] | None = None
     llm: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, bool]]] = field(default_factory=dict)
     decode: dict[int, list[torch.Tensor]] = field(default_factory=dict)

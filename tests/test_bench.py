@@ -1,0 +1,213 @@
+"""`tokenzip.bench` and `tokenzip bench`: what each row measures is what it says.
+
+Timings themselves are not asserted (no timed tests); the properties are: the oracle replays decisions without
+running any scoring, FLOPs of a row equal the counted model FLOPs, keep-1.0 rows reproduce the unpatched
+tokens, kept counts equal the budget, inputs built by hand match what the models expect, and bad requests fail
+with messages naming what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import get_tiny, image_inputs
+from typer.testing import CliRunner
+
+import tokenzip
+from tokenzip.bench import BenchSettings, BenchSetupError, Workload, load_model, run_bench
+from tokenzip.bench.inputs import synthetic_inputs
+from tokenzip.bench.runner import generate
+from tokenzip.bench.timing import PeakMemory, Summary
+from tokenzip.cli import app
+from tokenzip.engine.accounting import measure_flops
+
+FAST = dict(warmup=0, repeats=1, decode_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench():
+    return load_model("tiny-llava")
+
+
+def test_rows_measure_what_they_claim(tiny_bench):
+    settings = BenchSettings(["hiprune", "fastv", "pool"], [0.25, 1.0], **FAST)
+    result = run_bench(tiny_bench, Workload(), settings)
+    rows = {(r.policy, r.keep): r for r in result.rows}
+    assert next(r.policy for r in result.rows) == "none" and len(result.rows) == 1 + 3 * 2
+    assert all(r.error is None for r in result.rows)
+    for row in result.rows:
+        # the analytic FLOPs of the recorded prefill are what FlopCounterMode counted for the model
+        assert row.flops["prefill"] == row.measured_model_flops
+        assert row.ttft.n == row.oracle.n == 1 and row.ttft.median > 0 and row.oracle.median > 0
+        assert row.vision.median > 0 and row.prefill.median >= 0
+    # keep = 1.0 changes nothing: same FLOPs, same greedy tokens as the unpatched model
+    for policy in ("none", "hiprune", "fastv", "pool"):
+        assert rows[(policy, 1.0)].flops_ratio == 1.0 and rows[(policy, 1.0)].agreement == 1.0
+    hiprune = rows[("hiprune", 0.25)]
+    assert hiprune.llm_input_tokens == 16 and hiprune.layer_mean_tokens == 16  # round(0.25 * 64)
+    assert hiprune.flops_ratio < 0.5 and hiprune.flops["overhead"] > 0  # its attention recompute is counted
+    assert rows[("pool", 0.25)].flops["overhead"] == 0  # pooling scores nothing
+    fastv = rows[("fastv", 0.25)]
+    assert fastv.llm_input_tokens == 64 and fastv.layer_mean_tokens == pytest.approx(16, abs=1)
+
+
+def test_oracle_replay_runs_no_scoring():
+    """The oracle (`Patch.replay`) reuses decisions: no signal, no policy call, not a single overhead FLOP."""
+    vlm = get_tiny("llava")
+    inputs = image_inputs(vlm, 2)
+    for policy, keep in [("hiprune", 0.25), ("visiondrop", 0.25), ("fastv", 0.25), ("mustdrop", 0.333)]:
+        with tokenzip.apply(vlm.model, policy, keep) as patch:
+            scored = measure_flops(lambda: generate(vlm.model, inputs, 1))
+            recorded = patch.stats.last
+            with patch.replay():
+                replayed = measure_flops(lambda: generate(vlm.model, inputs, 1))
+                again = patch.stats.last
+        assert scored.overhead > 0 and replayed.overhead == 0, policy
+        assert replayed.model == scored.model, policy  # the same tokens at every layer
+        assert again.width_per_layer == recorded.width_per_layer
+        assert [s.visual_per_layer for s in again.samples] == [s.visual_per_layer for s in recorded.samples]
+
+
+def test_stage_seconds_cover_the_policy_work():
+    vlm = get_tiny("llava")
+    inputs = image_inputs(vlm, 1)
+    with tokenzip.apply(vlm.model, "hiprune", 0.25) as patch:
+        generate(vlm.model, inputs, 1)
+        seconds = patch.stats.last.seconds
+    assert seconds["vision_encoder"] > 0 and seconds["vision_stage"] > 0  # HiPrune scores inside the tower
+    assert seconds["pre_llm"] > 0
+    with tokenzip.apply(vlm.model, "fastv", 0.25) as patch:
+        generate(vlm.model, inputs, 1)
+        seconds = patch.stats.last.seconds
+    assert seconds["vision_stage"] == 0 and seconds["llm@2"] > 0 and seconds["llm_signals"] > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "work"),
+    [
+        ("llava", Workload(images=2, text_tokens=7)),
+        ("qwen2_5_vl", Workload(images=2, image_size=(112, 168))),
+        ("qwen2_5_vl", Workload(frames=4, image_size=(112, 112))),
+        ("llava_onevision", Workload(images=1, image_size=(100, 60))),
+        ("llava_onevision", Workload(frames=3)),
+    ],
+)
+def test_synthetic_inputs_are_what_the_model_expects(family, work):
+    """Hand-built prompts carry exactly the placeholders the model fills; the patch sees the priced geometry."""
+    vlm = get_tiny(family)
+    batch = synthetic_inputs(vlm.model, work.images, work.image_size, work.frames, work.text_tokens, batch=2, seed=3)
+    assert batch["input_ids"].shape[0] == 2
+    with tokenzip.apply(vlm.model, "none", 1.0) as patch, torch.no_grad():
+        logits = vlm.model(**batch).logits  # the model itself checks placeholders against its features
+        record = patch.stats.last
+    assert torch.isfinite(logits).all()
+    from tokenzip.pricing import workload
+
+    shapes = workload(vlm.model, work.images, work.image_size, work.frames, work.text_tokens).shapes
+    for sample in record.samples:
+        assert [it.tokens for it in sample.items] == [s.length for s in shapes]
+        assert [it.content for it in sample.items] == [s.n_content for s in shapes]
+    modality = "video" if work.frames else "image"
+    assert all(it.modality == modality for it in record.samples[0].items)
+    with pytest.raises(ValueError, match="at least one image"):
+        synthetic_inputs(vlm.model, images=0)
+
+
+def test_random_weights_real_shaped_model():
+    bm = load_model("llava-onevision-qwen2-0.5b", random_weights=True, text_layers=2, vision_layers=1)
+    assert bm.model.config.text_config.hidden_size == 896 and bm.model.config.text_config.num_hidden_layers == 2
+    assert bm.model.config.vision_config.hidden_size == 1152
+    work = Workload(images=1, image_size=(384, 384), text_tokens=20)
+    result = run_bench(bm, work, BenchSettings(["pool"], [0.25], **FAST))
+    base, pool = result.rows
+    assert base.visual_tokens == 2 * 729 and pool.llm_input_tokens <= 0.25 * 2 * 729
+    assert pool.flops["prefill"] == pool.measured_model_flops
+    assert result.machine["dtype"] == "float32" and "torch" in result.machine
+
+
+def test_pretrained_directory(tmp_path, tiny_bench):
+    vlm = get_tiny("llava")
+    vlm.model.save_pretrained(tmp_path)
+    vlm.processor.save_pretrained(tmp_path)
+    bm = load_model(str(tmp_path))
+    assert bm.family == "llava"
+    inputs = bm.make_inputs(Workload(images=1, batch=2))
+    assert inputs["input_ids"].shape[0] == 2 and inputs["pixel_values"].shape[0] == 2
+    assert torch.equal(generate(bm.model, inputs, 3), generate(vlm.model, inputs, 3))
+
+
+def test_summary_and_peak_memory():
+    s = Summary.of([float(v) for v in range(10, 0, -1)])
+    assert (s.median, s.p90, s.n) == (5.5, 9.0, 10)
+    assert Summary.of([2.0]).p90 == 2.0
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert memory.added >= 48 * 2**20 and memory.peak >= memory.added
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "llava-1.5-7b"}, "--random-weights"),
+        ({"name": "tiny-llava", "random_weights": True}, "built-in configs only"),
+        ({"name": "gpt2-ish", "random_weights": True}, "needs a built-in config"),
+        ({"name": "tiny-llava", "device": "cuda"}, "sees no CUDA device"),
+        ({"name": "tiny-llava", "device": "tpu"}, "use cpu, cuda or cuda:N"),
+        ({"name": "tiny-llava", "device": "meta"}, "use cpu or cuda"),
+        ({"name": "tiny-llava", "dtype": "float8"}, "float32, bfloat16, float16"),
+        ({"name": "tiny-llava", "attn": "magic"}, "sdpa, flash_attention_2, eager"),
+        ({"name": "/no/such/dir"}, "no such local checkpoint directory"),
+    ],
+)
+def test_setup_errors(kwargs, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the no-CUDA error, on any machine
+    with pytest.raises(BenchSetupError, match=message.replace("-", r"\-")):
+        load_model(**kwargs)
+
+
+def test_refusing_policy_is_reported_not_fatal(tiny_bench):
+    # HiPrune with an object layer beyond the tower refuses at apply time; the row carries the message
+    settings = BenchSettings(["hiprune"], [0.25], options={"hiprune": {"object_layer": 99}}, **FAST)
+    result = run_bench(tiny_bench, Workload(), settings)
+    assert result.rows[1].error is not None and "object_layer" in result.rows[1].error
+
+
+def test_bench_cli(tmp_path):
+    out = tmp_path / "res"
+    args = ["bench", "--policies", "pool,fastv", "--keeps", "0.25,16", "--repeats", "1", "--warmup", "0"]
+    result = CliRunner().invoke(app, [*args, "--decode-tokens", "2", "--out", str(out), "-o", "fastv.layer=1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["policy"], r["keep"]) for r in data["rows"]] == [
+        ("none", 1.0),
+        ("pool", 0.25),
+        ("pool", 16),
+        ("fastv", 0.25),
+        ("fastv", 16),
+    ]
+    assert data["settings"]["options"] == {"fastv": {"layer": 1}}
+    assert data["command"].startswith("tokenzip ") and data["machine"]["device"] == "cpu"
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 5
+    for name in ("quality_vs_flops.png", "ttft_vs_keep.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "overhead" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "nope"], "unknown policies"),
+        (["--keeps", "0"], "keep"),
+        (["--model", "llava-1.5-7b"], "--random-weights"),
+        (["--repeats", "0"], "repeats"),
+        (["--image-size", "big"], "448x448"),
+        (["-o", "alpha=1"], "policy.key=value"),
+    ],
+)
+def test_bench_cli_errors(args, message):
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code != 0
+    assert message in result.output

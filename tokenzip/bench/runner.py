@@ -1,0 +1,273 @@
+"""Measuring policies side by side: `run_bench`.
+
+For every (policy, keep) row, with the patch applied to the one loaded model:
+
+* **TTFT** is the wall time of `generate(max_new_tokens=1)` (what a user waits for), split with the per-stage
+  seconds the patch records: *vision encoder* (the feature call minus the policy's work inside it), *selection*
+  (every scoring pass, signal recomputation, gather and merge of the policy, wherever it acts) and *LLM
+  prefill* (the rest: embedding, decoder layers, lm_head, generate's own bookkeeping).
+* The **oracle** is the same patch replaying the decisions it has just recorded (`Patch.replay`): no signal is
+  recomputed and no policy code runs; the model gets exactly the same kept tokens at every layer. It is the
+  physical limit of any policy reaching those per-layer lengths with tokenzip's gathers; `overhead = policy
+  TTFT / oracle TTFT` is what the policy's selection costs on top. Policy and oracle runs alternate, so drift
+  affects both alike.
+* **decode tok/s** = batch x n / (time of `generate(1 + n)` - TTFT), medians of the repeats.
+* **FLOPs** are analytic (`tokenzip.flops`) from the tokens every component really processed in the recorded
+  prefill; the policy's own scoring FLOPs are counted by `FlopCounterMode` and reported apart.
+* **peak memory**: see `tokenzip.bench.timing.PeakMemory`; **agreement**: the fraction of the first 1 + n
+  greedy tokens equal to the unpatched model's; **accuracy** and **retention** when an evaluator is given.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..api import apply
+from ..budget import Keep, validate_keep
+from ..engine.accounting import measure_flops
+from ..errors import TokenzipError
+from ..flops import breakdown_of_record
+from .models import BenchModel, Workload
+from .timing import PeakMemory, Summary, timed
+
+STAGE_MODEL = "vision_encoder"  # the only per-stage entry of a record that is model work
+
+
+@dataclass
+class BenchSettings:
+    """What to run: policies x keeps (+ the unpruned reference), options per policy, and how often."""
+
+    policies: list[str]
+    keeps: list[Keep]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warmup: int = 1
+    repeats: int = 5
+    decode_tokens: int = 16
+    count_flops: bool = True
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1 or self.decode_tokens < 0:
+            raise ValueError(
+                f"warmup must be >= 0, repeats >= 1 and decode_tokens >= 0 (got {self.warmup}, {self.repeats}, "
+                f"{self.decode_tokens})"
+            )
+        self.keeps = [validate_keep(k) for k in self.keeps]
+
+
+@dataclass
+class BenchRow:
+    """One policy at one keep (see the module docstring for each measure). Times in seconds, memory in bytes."""
+
+    policy: str
+    keep: Any
+    error: str | None = None
+    visual_tokens: float = 0.0  # visual tokens per sample before compression
+    llm_input_tokens: float = 0.0  # visual tokens per sample entering the LLM
+    layer_mean_tokens: float = 0.0  # visual tokens per sample, averaged over decoder layers
+    flops: dict[str, int] = field(default_factory=dict)
+    flops_ratio: float = float("nan")  # prefill model FLOPs / unpruned
+    llm_flops_ratio: float = float("nan")
+    measured_model_flops: int | None = None  # FlopCounterMode's count of the model's own work (check)
+    ttft: Summary | None = None
+    vision: Summary | None = None
+    selection: Summary | None = None
+    prefill: Summary | None = None
+    oracle: Summary | None = None
+    overhead: float = float("nan")  # ttft.median / oracle.median
+    decode_tps: float = float("nan")
+    peak_memory: int = 0
+    added_memory: int = 0
+    agreement: float = float("nan")
+    accuracy: float | None = None
+    retention: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    description: str
+    workload: Workload
+    settings: BenchSettings
+    machine: dict[str, str]
+    unpatched_ttft: Summary
+    rows: list[BenchRow]
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "description": self.description,
+            "workload": asdict(self.workload),
+            "settings": {**asdict(self.settings), "keeps": [str(k) for k in self.settings.keeps]},
+            "machine": self.machine,
+            "unpatched_ttft": asdict(self.unpatched_ttft),
+            "rows": [r.as_dict() for r in self.rows],
+        }
+
+
+def machine_description(bm: BenchModel) -> dict[str, str]:
+    """What the numbers were measured on."""
+    import transformers
+
+    dev = bm.device
+    model = bm.model
+    desc = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(dev),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attention": str(model.config._attn_implementation),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if dev.type == "cuda":
+        desc["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        desc["cpu"] = platform.processor() or platform.machine()
+    return desc
+
+
+def _placeholders(model) -> list[int]:
+    cfg = model.config
+    ids = (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
+    return [int(i) for i in ids if i is not None]
+
+
+def generate(model, inputs: dict, tokens: int) -> torch.Tensor:
+    """Greedy generation of exactly `tokens` new tokens (placeholder ids suppressed). Returns [B, tokens]."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            suppress_tokens=_placeholders(model),
+            pad_token_id=0,
+        )
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def _split(record, ttft: float) -> tuple[float, float, float]:
+    """(vision encoder, selection, LLM prefill) seconds of one policy run."""
+    vision = record.seconds.get(STAGE_MODEL, 0.0)
+    selection = sum(v for k, v in record.seconds.items() if k != STAGE_MODEL)
+    return vision, selection, max(0.0, ttft - vision - selection)
+
+
+def _measure_row(
+    bm: BenchModel,
+    inputs: dict,
+    policy: str,
+    keep: Keep,
+    options: dict,
+    settings: BenchSettings,
+    reference: torch.Tensor,
+    evaluator: Callable[[torch.nn.Module], float] | None,
+) -> BenchRow:
+    model, device = bm.model, bm.device
+    row = BenchRow(policy, keep)
+    n = settings.decode_tokens
+    with apply(model, policy, keep, **options) as patch:
+        for _ in range(settings.warmup):
+            generate(model, inputs, 1)
+            with patch.replay():
+                generate(model, inputs, 1)
+        ttft, vision, selection, prefill, oracle, total = [], [], [], [], [], []
+        for _ in range(settings.repeats):
+            seconds, _ = timed(lambda: generate(model, inputs, 1), device)
+            record = patch.stats.last
+            parts = _split(record, seconds)
+            ttft.append(seconds)
+            vision.append(parts[0])
+            selection.append(parts[1])
+            prefill.append(parts[2])
+            with patch.replay():
+                oracle.append(timed(lambda: generate(model, inputs, 1), device)[0])
+            if n:
+                total.append(timed(lambda: generate(model, inputs, 1 + n), device)[0])
+        generate(model, inputs, 1)  # the record (and decisions) of a plain policy prefill
+        record = patch.stats.last
+        with PeakMemory(device) as memory:
+            tokens = generate(model, inputs, 1 + n)
+        if settings.count_flops:
+            counted = measure_flops(lambda: generate(model, inputs, 1))
+            row.measured_model_flops = counted.model
+            overhead_flops = counted.overhead
+        else:
+            overhead_flops = 0
+        if evaluator is not None:
+            row.accuracy = float(evaluator(model))
+    samples = record.samples
+    row.visual_tokens = sum(s.visual_in for s in samples) / len(samples)
+    row.llm_input_tokens = sum(sum(it.kept + it.padded for it in s.items) for s in samples) / len(samples)
+    row.layer_mean_tokens = sum(s.visual_mean for s in samples) / len(samples)
+    row.notes = list(record.notes)
+    row.flops = breakdown_of_record(model.config, record, lm_head_tokens=1, overhead=overhead_flops).as_dict()
+    row.ttft, row.vision, row.selection = Summary.of(ttft), Summary.of(vision), Summary.of(selection)
+    row.prefill, row.oracle = Summary.of(prefill), Summary.of(oracle)
+    row.overhead = row.ttft.median / row.oracle.median
+    if n:
+        decode = Summary.of(total).median - row.ttft.median
+        row.decode_tps = tokens.shape[0] * n / decode if decode > 0 else float("nan")
+    row.peak_memory, row.added_memory = memory.peak, memory.added
+    row.agreement = float((tokens.cpu() == reference).float().mean())
+    return row
+
+
+def run_bench(
+    bm: BenchModel,
+    work: Workload,
+    settings: BenchSettings,
+    evaluator: Callable[[torch.nn.Module], float] | None = None,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> BenchResult:
+    """Measure the unpruned reference (policy "none", keep 1.0) and every policy x keep of `settings`.
+
+    A row whose policy refuses the model, input or budget (a `TokenzipError`) is kept with its `error` message;
+    any other exception propagates. `evaluator(model) -> accuracy` runs under each patch when given.
+    """
+    model, device = bm.model, bm.device
+    inputs = bm.make_inputs(work)
+    n = settings.decode_tokens
+    for _ in range(settings.warmup):
+        generate(model, inputs, 1)
+    unpatched = Summary.of([timed(lambda: generate(model, inputs, 1), device)[0] for _ in range(settings.repeats)])
+    reference = generate(model, inputs, 1 + n).cpu()
+    plan = [("none", 1.0)] + [(p, k) for p in settings.policies if p != "none" for k in settings.keeps]
+    rows: list[BenchRow] = []
+    for policy, keep in plan:
+        try:
+            row = _measure_row(
+                bm, inputs, policy, keep, settings.options.get(policy, {}), settings, reference, evaluator
+            )
+        except TokenzipError as err:
+            row = BenchRow(policy, keep, error=f"{type(err).__name__}: {err}")
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    _relative(rows)
+    return BenchResult(bm.name, bm.description, work, settings, machine_description(bm), unpatched, rows)
+
+
+def _relative(rows: list[BenchRow]) -> None:
+    """FLOPs ratios and accuracy retention against the unpruned reference row (the first)."""
+    base = rows[0]
+    if base.error is not None:
+        return
+    for row in rows:
+        if row.error is not None:
+            continue
+        row.flops_ratio = row.flops["prefill"] / base.flops["prefill"]
+        row.llm_flops_ratio = row.flops["llm"] / base.flops["llm"] if base.flops["llm"] else math.nan
+        if row.accuracy is not None and base.accuracy:
+            row.retention = row.accuracy / base.accuracy
