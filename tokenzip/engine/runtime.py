@@ -71,6 +71,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_argument(kwargs: dict) -> Any:
+    """The KV cache handed to a forward: ``cache`` since transformers 5.24, ``past_key_values`` before it."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _cache_output(output: Any) -> Any:
+    """The KV cache a forward returned (field ``cache`` since transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _kept_record(sel: Selection, item) -> tuple[torch.Tensor, int]:
     """(item-local indices of the real tokens a pre-LLM selection keeps, in sequence order; zero rows added).
 
@@ -427,7 +441,7 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ top level
     def _top_pre(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         prefill = cache is None or cache.get_seq_length() == 0
         if not self.plan.is_empty and cache is not None and not isinstance(cache, DynamicCache):
@@ -456,7 +470,7 @@ class Runtime:
                 self._drop_pending()
                 raise UnsupportedInputError(
                     "new image/video tokens arrived after prefill (a continued cache); tokenzip compresses images "
-                    "only in a fresh prefill: start a new generate() without past_key_values"
+                    "only in a fresh prefill: start a new generate() without a passed cache"
                 )
         return None
 
@@ -470,7 +484,7 @@ class Runtime:
             return None
         processed = list(st.layer_layouts)
         if st.active and self.plan.decode:
-            cache = getattr(output, "past_key_values", None)
+            cache = _cache_output(output)
             if cache is not None:
                 self._decode_stage(cache)
         if st.layout0 is not None:
