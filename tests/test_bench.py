@@ -42,6 +42,7 @@ def test_rows_measure_what_they_claim(tiny_bench):
         assert row.flops["prefill"] == row.measured_model_flops
         assert row.ttft.n == row.oracle.n == 1 and row.ttft.median > 0 and row.oracle.median > 0
         assert row.vision.median > 0 and row.prefill.median >= 0
+        assert 0 < row.decode_tps < float("inf")  # 2 decode steps after the first token, timed per step
     # keep = 1.0 changes nothing: same FLOPs, same greedy tokens as the unpatched model
     for policy in ("none", "hiprune", "fastv", "pool"):
         assert rows[(policy, 1.0)].flops_ratio == 1.0 and rows[(policy, 1.0)].agreement == 1.0

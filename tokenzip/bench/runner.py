@@ -9,9 +9,9 @@ For every (policy, keep) row, with the patch applied to the one loaded model:
 * The **oracle** is the same patch replaying the decisions it has just recorded (`Patch.replay`): no signal is
   recomputed and no policy code runs; the model gets exactly the same kept tokens at every layer. It is the
   physical limit of any policy reaching those per-layer lengths with tokenzip's gathers; `overhead = policy
-  TTFT / oracle TTFT` is what the policy's selection costs on top. Policy and oracle runs alternate, so drift
-  affects both alike.
-* **decode tok/s** = batch x n / (time of `generate(1 + n)` - TTFT), medians of the repeats.
+  TTFT / oracle TTFT` is what the policy's selection costs on top. Oracle and policy runs alternate (each oracle
+  replays the policy run before it), so drift affects both alike.
+* **decode tok/s** = batch x n / the time from the first to the (1 + n)-th generated token of one run.
 * **FLOPs** are analytic (`tokenzip.flops`) from the tokens every component really processed in the recorded
   prefill; the policy's own scoring FLOPs are counted by `FlopCounterMode` and reported apart.
 * **peak memory**: see `tokenzip.bench.timing.PeakMemory`; **agreement**: the fraction of the first 1 + n
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from ..engine.accounting import measure_flops
 from ..errors import TokenzipError
 from ..flops import breakdown_of_record
 from .models import BenchModel, Workload
-from .timing import PeakMemory, Summary, timed
+from .timing import PeakMemory, Summary, synchronize, timed
 
 STAGE_MODEL = "vision_encoder"  # the only per-stage entry of a record that is model work
 
@@ -143,8 +144,30 @@ def _placeholders(model) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def generate(model, inputs: dict, tokens: int) -> torch.Tensor:
+class StepClock:
+    """A generate stopping criterion that never stops and notes when each new token is ready (synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def tokens_per_second(self, batch: int) -> float:
+        """Decode speed after the first token: batch x (steps - 1) / their time."""
+        if len(self.times) < 2:
+            return float("nan")
+        return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -> torch.Tensor:
     """Greedy generation of exactly `tokens` new tokens (placeholder ids suppressed). Returns [B, tokens]."""
+    from transformers import StoppingCriteriaList
+
+    extra = {"stopping_criteria": StoppingCriteriaList([clock])} if clock is not None else {}
     with torch.no_grad():
         out = model.generate(
             **inputs,
@@ -153,6 +176,7 @@ def generate(model, inputs: dict, tokens: int) -> torch.Tensor:
             do_sample=False,
             suppress_tokens=_placeholders(model),
             pad_token_id=0,
+            **extra,
         )
     return out[:, inputs["input_ids"].shape[1] :]
 
@@ -182,23 +206,10 @@ def _measure_row(
             generate(model, inputs, 1)
             with patch.replay():
                 generate(model, inputs, 1)
-        ttft, vision, selection, prefill, oracle, total = [], [], [], [], [], []
-        for _ in range(settings.repeats):
-            seconds, _ = timed(lambda: generate(model, inputs, 1), device)
-            record = patch.stats.last
-            parts = _split(record, seconds)
-            ttft.append(seconds)
-            vision.append(parts[0])
-            selection.append(parts[1])
-            prefill.append(parts[2])
-            with patch.replay():
-                oracle.append(timed(lambda: generate(model, inputs, 1), device)[0])
-            if n:
-                total.append(timed(lambda: generate(model, inputs, 1 + n), device)[0])
-        generate(model, inputs, 1)  # the record (and decisions) of a plain policy prefill
-        record = patch.stats.last
-        with PeakMemory(device) as memory:
-            tokens = generate(model, inputs, 1 + n)
+        ttft, vision, selection, prefill, oracle = [], [], [], [], []
+        clock = StepClock(device)
+        with PeakMemory(device) as memory:  # also the decode-speed and agreement run
+            tokens = generate(model, inputs, 1 + n, clock)
         if settings.count_flops:
             counted = measure_flops(lambda: generate(model, inputs, 1))
             row.measured_model_flops = counted.model
@@ -207,6 +218,16 @@ def _measure_row(
             overhead_flops = 0
         if evaluator is not None:
             row.accuracy = float(evaluator(model))
+        for _ in range(settings.repeats):
+            with patch.replay():  # replays the decisions of the policy run just before
+                oracle.append(timed(lambda: generate(model, inputs, 1), device)[0])
+            seconds, _ = timed(lambda: generate(model, inputs, 1), device)
+            record = patch.stats.last
+            parts = _split(record, seconds)
+            ttft.append(seconds)
+            vision.append(parts[0])
+            selection.append(parts[1])
+            prefill.append(parts[2])
     samples = record.samples
     row.visual_tokens = sum(s.visual_in for s in samples) / len(samples)
     row.llm_input_tokens = sum(sum(it.kept + it.padded for it in s.items) for s in samples) / len(samples)
@@ -216,9 +237,7 @@ def _measure_row(
     row.ttft, row.vision, row.selection = Summary.of(ttft), Summary.of(vision), Summary.of(selection)
     row.prefill, row.oracle = Summary.of(prefill), Summary.of(oracle)
     row.overhead = row.ttft.median / row.oracle.median
-    if n:
-        decode = Summary.of(total).median - row.ttft.median
-        row.decode_tps = tokens.shape[0] * n / decode if decode > 0 else float("nan")
+    row.decode_tps = clock.tokens_per_second(tokens.shape[0])
     row.peak_memory, row.added_memory = memory.peak, memory.added
     row.agreement = float((tokens.cpu() == reference).float().mean())
     return row
