@@ -69,6 +69,9 @@ def test_topk_ties_go_to_lower_index():
     assert topk_keep_order(scores, 2).tolist() == [1, 2]
     assert topk_stable(torch.zeros(5), 3).tolist() == [0, 1, 2]
     assert topk_stable(scores, 99).numel() == 6
+    # float64 scores closer than float32 resolution are still ordered, not treated as ties
+    assert topk_stable(torch.tensor([0.5, 0.500000001], dtype=torch.float64), 1).tolist() == [1]
+    assert topk_stable(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), 2).tolist() == [1, 0]
 
 
 @settings(max_examples=60, deadline=None)

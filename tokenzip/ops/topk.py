@@ -16,7 +16,8 @@ def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     if scores.dim() != 1:
         raise ValueError(f"topk_stable expects a 1-D tensor, got shape {tuple(scores.shape)}")
     k = max(0, min(int(k), scores.shape[0]))
-    clean = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    work = torch.promote_types(scores.dtype, torch.float32)  # bf16/fp16 widened, float64 kept exact
+    clean = torch.nan_to_num(scores.to(work), nan=float("-inf"))
     order = torch.sort(clean, descending=True, stable=True).indices
     return order[:k]
 

@@ -73,10 +73,10 @@ def segment_frames(sim: torch.Tensor, tau: float, max_window: int = 1024) -> tup
 
 
 def rescaled_ratio(rho: float, n_frames: int, n_tokens: int, saved: float) -> float:
-    """rho' = min(rho / ((F N - R) / (F N)), 1), evaluated in float32 in that order."""
-    total = torch.tensor(float(n_frames * n_tokens), dtype=torch.float32)
-    kept = (total - torch.tensor(saved, dtype=torch.float32)) / total
-    return float(torch.clamp(torch.tensor(rho, dtype=torch.float32) / kept, max=1.0))
+    """rho' = min(rho / ((F N - R) / (F N)), 1) in Python (double) arithmetic, in that order, as the official
+    code does; a float32 evaluation moves ceil(N rho') by one token when N rho' is an integer in double."""
+    total = n_frames * n_tokens
+    return min(rho / ((total - saved) / total), 1.0)
 
 
 def dpc_knn_merge(
@@ -109,13 +109,13 @@ def dpc_knn_merge(
     merged = z[centres].clone()
     if members.numel():
         assign = dist[members][:, centres].argmin(1)
-        sums = torch.zeros_like(merged).index_add_(0, assign, z[members])
         counts = torch.bincount(assign, minlength=centres.numel()).float()[:, None]
-        has = counts > 0
-        if beta is None:
-            merged = (merged + sums) / (1 + counts)
+        # members are summed in ascending order (index_add_ on CPU), in the official expression order
+        if beta is None:  # mean over [centre, members...]: the centre is the first term of the sum
+            merged = merged.clone().index_add_(0, assign, z[members]) / (1 + counts)
         else:
-            merged = torch.where(has, beta * merged + (1 - beta) * sums / counts.clamp_min(1), merged)
+            means = torch.zeros_like(merged).index_add_(0, assign, z[members]) / counts.clamp_min(1)
+            merged = torch.where(counts > 0, beta * merged + (1 - beta) * means, merged)
     return centres, merged.to(points.dtype)
 
 
@@ -155,7 +155,8 @@ def holitom_outer(
         static_pos = is_static.nonzero().flatten()
         z = frames[s : e + 1, static_pos].float().mean(0).to(frames.dtype)
         k_static = round(static_pos.numel() * ratio)
-        centres, merged = dpc_knn_merge(z, k_static, min(knn, k_static), beta, noise(z.shape[0]) if noise else None)
+        draw = noise(z.shape[0]) if noise is not None and k_static > 0 else None  # drawn only when clustering
+        centres, merged = dpc_knn_merge(z, k_static, min(knn, k_static), beta, draw)
         reps.append(torch.stack([torch.full_like(centres, s), static_pos[centres]], 1))
         values.append(merged)
         dynamic = (~is_static).nonzero().flatten()
@@ -163,6 +164,13 @@ def holitom_outer(
         for t in range(s, e + 1):
             frame_topk(t, dynamic, k_dynamic)
     return torch.cat(reps), torch.cat(values), segments
+
+
+def image_count(n_tokens: int, rho: float) -> int:
+    """Tokens an image keeps: ceil(N rho), with N rho rounded to 9 decimals first so that a ratio derived from an
+    integer budget (rho = k / N) gives k, not k + 1 from a float artefact (tokenzip adaptation: the official outer
+    stage passes images through)."""
+    return math.ceil(round(n_tokens * rho, 9))
 
 
 # ------------------------------------------------------------------------------------------ inner stage
@@ -286,7 +294,7 @@ class HoliTomPolicy(Policy):
         elif self.options["image_mode"] == "passthrough":
             outer = shape.length
         else:
-            outer = math.ceil(shape.n_content * rho) + (shape.length - shape.n_content)
+            outer = image_count(shape.n_content, rho) + (shape.length - shape.n_content)
         if not self.options["inner"]:
             return Nominal([outer] * info.n_llm_layers)
         inner = max(1, round(outer * (1 - r)))
@@ -346,7 +354,7 @@ class HoliTomPolicy(Policy):
             local = content.to(dev)[reps[:, 0] * per_frame + reps[:, 1]]
             tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # trailing newline
             return Selection(torch.cat([local, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True)
-        count = math.ceil(content.numel() * rho)
+        count = image_count(content.numel(), rho)
         kept = content[torch.sort(topk_stable(scores[content.to(dev)], count)).values.cpu()]
         extra = structural_to_keep(shape, kept, "keep_nonempty_rows")  # HoliTom's grid newline rule
         return Selection(torch.cat([kept, extra]))
