@@ -608,6 +608,7 @@ def test_llava_stages_equal_the_reference(keep, options):
         logged = layer_weights(prune, n_layers, "official_log")
         average = (logged[0] * n_m + sum(w * c for w, c in zip(logged[1:], stage_counts, strict=True))) / n_layers
         assert abs(average - round(keep * 64)) <= 0.5 * logged[-1] / n_layers < abs(sample.visual_mean - average)
+        assert sample.visual_mean_logged == pytest.approx(average, abs=1e-9)
     caches = [layer.keys.shape[2] for layer in output_cache(out).layers]
     final = text + stage_counts[-1]
     assert caches == [text + n_m] * prune[0] + [final] * (n_layers - prune[0])

@@ -118,6 +118,16 @@ class SampleRecord:
         """Layer-averaged visual tokens (the quantity `keep` budgets)."""
         return sum(self.visual_per_layer) / max(1, len(self.visual_per_layer))
 
+    @property
+    def visual_mean_logged(self) -> float:
+        """Layer average as FastV/SparseVLM-style logs count it (MustDrop's official log): a layer after which a
+        prune happens is counted with the pruned set, i.e. layer i with the tokens of layer i + 1 (the last layer
+        with its own). Never above `visual_mean`; the gap is what such logs under-report."""
+        per_layer = self.visual_per_layer
+        if not per_layer:
+            return 0.0
+        return (sum(per_layer[1:]) + per_layer[-1]) / len(per_layer)
+
 
 @dataclass
 class ForwardRecord:
