@@ -192,6 +192,16 @@ def test_bench_cli(tmp_path):
     assert data["settings"]["options"] == {"fastv": {"layer": 1}}
     assert data["command"].startswith("tokenzip ") and data["machine"]["device"] == "cpu"
     assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 5
+    md = (out / "results.md").read_text().splitlines()
+    rows = [line for line in md if line.startswith("| ") and not line.startswith("| policy")]
+    assert [line.split(" | ")[:2] for line in rows] == [
+        ["| none", "1.0"],
+        ["| pool", "0.25"],
+        ["| pool", "16"],
+        ["| fastv", "0.25"],
+        ["| fastv", "16"],
+    ]
+    assert all(line.count(" | ") == 11 for line in rows) and data["command"] in md[2]
     for name in ("quality_vs_flops.png", "ttft_vs_keep.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "overhead" in result.output

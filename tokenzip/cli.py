@@ -227,13 +227,15 @@ def bench_command(
     repeats: int = typer.Option(5, help="measured runs per row (median and p90 reported)"),
     decode_tokens: int = typer.Option(16, help="tokens generated for decode speed and agreement (0: skip)"),
     no_flops_count: bool = typer.Option(False, "--no-flops-count", help="skip counting the policies' own FLOPs"),
-    out: Path = typer.Option(Path("bench-results"), help="folder for results.json, results.csv and the plots"),
+    out: Path = typer.Option(
+        Path("bench-results"), help="folder for results.json, results.csv, results.md and the plots"
+    ),
     seed: int = typer.Option(0, help="seed of random weights and synthetic inputs"),
 ) -> None:
     """Measure policies side by side: tokens, FLOPs, TTFT per stage and vs. the oracle, decode speed, memory.
 
     With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy at keep 0.111 / 0.222 /
-    0.333 plus the unpruned reference, and writes results.json, results.csv, quality_vs_flops.png and
+    0.333 plus the unpruned reference, and writes results.json, results.csv, results.md, quality_vs_flops.png and
     ttft_vs_keep.png into ./bench-results.
     """
     import shlex

@@ -138,8 +138,47 @@ def _no_nan(obj):
     return obj
 
 
+def markdown(payload: dict) -> str:
+    """A saved result (the content of results.json) as GitHub markdown: command, workload, machine, one table row
+    per policy and keep with the columns of `table()` plus the oracle's TTFT."""
+
+    def ms(summary: dict | None) -> str:
+        return "-" if summary is None else f"{summary['median'] * 1e3:.1f}"
+
+    base = payload["unpatched_ttft"]
+    workload = payload.get("workload_text") or ", ".join(f"{k} {v}" for k, v in payload["workload"].items())
+    lines = [
+        f"# tokenzip bench: {payload['description']}",
+        "",
+        f"Command: `{payload.get('command', '?')}`",
+        "",
+        f"Workload: {workload}. Unpatched TTFT {base['median'] * 1e3:.1f} ms (p90 {base['p90'] * 1e3:.1f} ms).",
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".",
+        "",
+        "| policy | keep | visual → LLM (layer avg) | FLOPs ratio | TTFT ms median (p90) | vision / selection / LLM ms "
+        "| oracle ms | overhead | decode tok/s | peak MiB (+ over idle) | agreement | accuracy (retention) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        if row.get("error") is not None:
+            lines.append(f"| {row['policy']} | {row['keep']} | error: {row['error']} |" + " |" * 9)
+            continue
+        split = " / ".join(ms(row[k]) for k in ("vision", "selection", "prefill"))
+        ttft = row["ttft"]
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f} ({_num(row['retention'], '.3f')})"
+        lines.append(
+            f"| {row['policy']} | {row['keep']} | {row['visual_tokens']:g} → {row['llm_input_tokens']:g} "
+            f"({row['layer_mean_tokens']:.1f}) | {_num(row['flops_ratio'], '.3f')} | {ttft['median'] * 1e3:.1f} "
+            f"({ttft['p90'] * 1e3:.1f}) | {split} | {ms(row['oracle'])} | {_num(row['overhead'], '.3f')} | "
+            f"{_num(row['decode_tps'], '.1f')} | {row['peak_memory'] / MIB:.0f} (+{row['added_memory'] / MIB:.0f}) | "
+            f"{_num(row['agreement'], '.2f')} | {accuracy} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write(result: BenchResult, folder: Path, command: str) -> list[Path]:
-    """Write results.json, results.csv and the plots into `folder`; returns the written paths."""
+    """Write results.json, results.csv, results.md and the plots into `folder`; returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = _no_nan({"command": command, **result.as_dict()})
     json_path = folder / "results.json"
@@ -150,7 +189,9 @@ def write(result: BenchResult, folder: Path, command: str) -> list[Path]:
         writer.writeheader()
         for row in result.rows:
             writer.writerow(_csv_row(row))
-    return [json_path, csv_path, *plot(result, folder)]
+    md_path = folder / "results.md"
+    md_path.write_text(markdown(payload))
+    return [json_path, csv_path, md_path, *plot(result, folder)]
 
 
 def plot(result: BenchResult, folder: Path) -> list[Path]:

@@ -108,6 +108,7 @@ class BenchResult:
             "model": self.model,
             "description": self.description,
             "workload": asdict(self.workload),
+            "workload_text": self.workload.describe(),
             "settings": {**asdict(self.settings), "keeps": [str(k) for k in self.settings.keeps]},
             "machine": self.machine,
             "unpatched_ttft": asdict(self.unpatched_ttft),
