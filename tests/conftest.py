@@ -29,6 +29,36 @@ POLICY_CASES = {
 }
 
 
+def forward_with_hooks(model, inputs: dict, handles: list, **kwargs):
+    """`model(**inputs, **kwargs)` without gradients; the test's hook `handles` are removed afterwards (also on
+    error), so a failing assertion never leaves hooks on the shared tiny models."""
+    try:
+        with torch.no_grad():
+            return model(**inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_identity_and_restore(vlm, inputs: dict, policy: str, prune_keep=0.25, **options) -> None:
+    """keep=1.0 gives bit-identical logits; `prune_keep` really shortens the LLM input; `remove()` restores
+    bit-identical logits and leaves no hook on the model."""
+    import tokenzip
+
+    with torch.no_grad():
+        before = vlm.model(**inputs).logits
+        with tokenzip.apply(vlm.model, policy, 1.0, **options):
+            same = vlm.model(**inputs).logits
+        patch = tokenzip.apply(vlm.model, policy, prune_keep, **options)
+        pruned = vlm.model(**inputs).logits
+        patch.remove()
+        after = vlm.model(**inputs).logits
+    assert torch.equal(same, before)
+    assert pruned.shape[1] < before.shape[1]
+    assert torch.equal(after, before)
+    assert not vlm.model._forward_pre_hooks and not vlm.model._forward_hooks
+
+
 def apply_case(model, case: str, keep, **extra):
     """`tokenzip.apply` for a POLICY_CASES entry."""
     import tokenzip

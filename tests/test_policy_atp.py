@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import get_tiny, image_inputs, video_inputs
+from conftest import forward_with_hooks, get_tiny, image_inputs, video_inputs
 
 import tokenzip
 from tokenzip.adapters import get_adapter
@@ -186,12 +186,7 @@ def measure(vlm, inputs):
         )
         for layer in layers
     ]
-    try:
-        with torch.no_grad():
-            vlm.model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(vlm.model, inputs, handles)
     return seen
 
 

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import get_tiny, image_inputs, single_inputs, video_inputs
+from conftest import assert_identity_and_restore, get_tiny, image_inputs, single_inputs, video_inputs
 from test_positions import record_positions, record_rope_rows
 
 import tokenzip
@@ -526,18 +526,8 @@ def test_llava_budget_and_compact_positions(keep):
 def test_keep_one_is_identity_and_remove_restores(family):
     vlm = get_tiny(family, "sdpa")
     inputs = image_inputs(vlm, 2)
-    with torch.no_grad():
-        before = vlm.model(**inputs).logits
-        compat = "fixed" if family == "llava" else "official"
-        with tokenzip.apply(vlm.model, "hiprune", 1.0, compat=compat, alpha=0.5):
-            same = vlm.model(**inputs).logits
-        patch = tokenzip.apply(vlm.model, "hiprune", 0.25, compat=compat, alpha=0.5)
-        pruned = vlm.model(**inputs).logits
-        patch.remove()
-        after = vlm.model(**inputs).logits
-    assert torch.equal(same, before)
-    assert pruned.shape[1] < before.shape[1]
-    assert torch.equal(after, before)
+    compat = "fixed" if family == "llava" else "official"
+    assert_identity_and_restore(vlm, inputs, "hiprune", compat=compat, alpha=0.5)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])

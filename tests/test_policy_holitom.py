@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import get_tiny, image_inputs, single_inputs
+from conftest import assert_identity_and_restore, forward_with_hooks, get_tiny, image_inputs, single_inputs
 from test_policy_hiprune import _qwen_scores, _tower_scores
 from test_positions import record_positions, record_rope_rows
 from test_schedule import measured_lengths
@@ -933,12 +933,7 @@ def test_noncausal_km1_option():
                 layers[layer - 1].register_forward_hook(keep_output("km1")),
                 layers[layer - 1].register_forward_pre_hook(keep_input, with_kwargs=True),
             ]
-            try:
-                with torch.no_grad():
-                    vlm.model(**inputs)
-            finally:
-                for h in handles:
-                    h.remove()
+            forward_with_hooks(vlm.model, inputs, handles)
         return seen
 
     changed = int((first["input_ids"][0] != second["input_ids"][0]).nonzero()[0])
@@ -1018,17 +1013,7 @@ def test_keep_one_is_identity_and_remove_restores(family):
     """keep = 1.0 leaves the logits bit-identical (OneVision video, LLaVA images); remove() restores them."""
     vlm = get_tiny(family, "sdpa")
     inputs = ov_video(vlm) if family == "llava_onevision" else image_inputs(vlm, 2)
-    with torch.no_grad():
-        before = vlm.model(**inputs).logits
-        with tokenzip.apply(vlm.model, "holitom", 1.0):
-            same = vlm.model(**inputs).logits
-        patch = tokenzip.apply(vlm.model, "holitom", 0.25)
-        pruned = vlm.model(**inputs).logits
-        patch.remove()
-        after = vlm.model(**inputs).logits
-    assert torch.equal(same, before)
-    assert pruned.shape[1] < before.shape[1]
-    assert torch.equal(after, before)
+    assert_identity_and_restore(vlm, inputs, "holitom")
 
 
 @pytest.mark.parametrize(

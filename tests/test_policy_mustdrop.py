@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import get_tiny
+from conftest import assert_identity_and_restore, forward_with_hooks, get_tiny
 from PIL import Image
 from test_positions import record_rope_rows
 
@@ -532,12 +532,7 @@ def test_llava_stages_equal_the_reference(keep, options):
             capture_input(lm_layers[0], lm_in),
             *[capture_output(lm_layers[p].self_attn, stage_probs[p]) for p in prune],
         ]
-        try:
-            with torch.no_grad():
-                out = vlm.model(**inputs, use_cache=True)
-        finally:
-            for h in handles:
-                h.remove()
+        out = forward_with_hooks(vlm.model, inputs, handles, use_cache=True)
         record = patch.stats.last
         decisions = patch._runtime.decisions
     sample = record.samples[0]
@@ -794,18 +789,7 @@ def test_keep_one_is_identity_and_remove_restores(family):
     filter, no trimming); a pruning patch changes the logits; `remove()` restores them exactly."""
     vlm = get_tiny(family, "sdpa")
     inputs = (llava_merging_inputs if family == "llava" else qwen_merging_inputs)(vlm, 2)
-    with torch.no_grad():
-        before = vlm.model(**inputs).logits
-        with tokenzip.apply(vlm.model, "mustdrop", 1.0):
-            same = vlm.model(**inputs).logits
-        patch = tokenzip.apply(vlm.model, "mustdrop", 0.3)
-        pruned = vlm.model(**inputs).logits
-        patch.remove()
-        after = vlm.model(**inputs).logits
-    assert torch.equal(same, before)
-    assert pruned.shape[1] < before.shape[1]  # the vision merge shortened the LLM input
-    assert torch.equal(after, before)
-    assert not vlm.model._forward_pre_hooks and not vlm.model._forward_hooks
+    assert_identity_and_restore(vlm, inputs, "mustdrop", prune_keep=0.3)  # the vision merge shortens the input
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import get_tiny, image_inputs
+from conftest import forward_with_hooks, get_tiny, image_inputs
 from test_positions import record_rope_rows
 
 import tokenzip
@@ -147,12 +147,7 @@ def measure(vlm, inputs):
         )
         for layer in layers
     ]
-    try:
-        with torch.no_grad():
-            vlm.model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(vlm.model, inputs, handles)
     return seen
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import get_tiny, image_inputs, video_inputs
+from conftest import forward_with_hooks, get_tiny, image_inputs, video_inputs
 
 import tokenzip
 from tokenzip.adapters import get_adapter
@@ -31,12 +31,7 @@ def measured_lengths(vlm, inputs) -> tuple[list[int], list[int]]:
         )
         for layer in get_adapter(vlm.model).lm_layers
     ]
-    try:
-        with torch.no_grad():
-            out = vlm.model(**inputs, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
+    out = forward_with_hooks(vlm.model, inputs, handles, use_cache=True)
     return seen, [int(layer.keys.shape[2]) for layer in out.past_key_values.layers]
 
 
