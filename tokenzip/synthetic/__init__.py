@@ -1,0 +1,28 @@
+"""Synthetic visual QA for CPU-scale accuracy measurements (issue 5, part 1).
+
+Procedural scenes (shapes x colours x sizes on clutter, one small rendered glyph), single-word-answer questions in
+six categories (`CATEGORIES`), deterministic train / val / test splits, and a short-video variant (an object
+changes colour, moves or appears). No download, no GPU.
+"""
+
+from .dataset import SPLITS, Sample, VideoSample, sample, samples, video_sample
+from .questions import CATEGORIES, Question
+from .scenes import COLORS, SHAPES, Glyph, Obj, Scene, random_scene, render
+
+__all__ = [
+    "CATEGORIES",
+    "COLORS",
+    "SHAPES",
+    "SPLITS",
+    "Glyph",
+    "Obj",
+    "Question",
+    "Sample",
+    "Scene",
+    "VideoSample",
+    "random_scene",
+    "render",
+    "sample",
+    "samples",
+    "video_sample",
+]
