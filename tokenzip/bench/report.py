@@ -20,6 +20,32 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt)
 
 
+def row_cells(row: dict) -> list[str]:
+    """Formatted cells of one successful row (a `BenchRow.as_dict()` or its JSON): policy, keep, visual tokens,
+    FLOPs ratio, TTFT, vision / selection / LLM, oracle TTFT, overhead, decode tok/s, memory, agreement,
+    accuracy (retention)."""
+
+    def ms(summary: dict | None) -> str:
+        return "-" if summary is None else f"{summary['median'] * 1e3:.1f}"
+
+    ttft = row["ttft"]
+    accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f} ({_num(row['retention'], '.3f')})"
+    return [
+        str(row["policy"]),
+        str(row["keep"]),
+        f"{row['visual_tokens']:g} → {row['llm_input_tokens']:g} ({row['layer_mean_tokens']:.1f})",
+        _num(row["flops_ratio"], ".3f"),
+        f"{ttft['median'] * 1e3:.1f} ({ttft['p90'] * 1e3:.1f})",
+        " / ".join(ms(row[k]) for k in ("vision", "selection", "prefill")),
+        ms(row["oracle"]),
+        _num(row["overhead"], ".3f"),
+        _num(row["decode_tps"], ".1f"),
+        f"{row['peak_memory'] / MIB:.0f} (+{row['added_memory'] / MIB:.0f})",
+        _num(row["agreement"], ".2f"),
+        accuracy,
+    ]
+
+
 def table(result: BenchResult) -> Table:
     """One line per row: tokens, FLOPs ratio, TTFT and its split, oracle overhead, decode speed, memory, quality.
 
@@ -48,21 +74,9 @@ def table(result: BenchResult) -> Table:
         if row.error is not None:
             t.add_row(row.policy, str(row.keep), f"[red]{row.error}[/red]")
             continue
-        split = "/".join(f"{s.median * 1e3:.1f}" for s in (row.vision, row.selection, row.prefill))
-        accuracy = "-" if row.accuracy is None else f"{row.accuracy:.3f} ({_num(row.retention, '.3f')})"
-        t.add_row(
-            row.policy,
-            str(row.keep),
-            f"{row.visual_tokens:g}→{row.llm_input_tokens:g} ({row.layer_mean_tokens:.1f})",
-            _num(row.flops_ratio, ".3f"),
-            f"{row.ttft.median * 1e3:.1f} ({row.ttft.p90 * 1e3:.1f})",
-            split,
-            _num(row.overhead, ".3f"),
-            _num(row.decode_tps, ".1f"),
-            f"{row.peak_memory / MIB:.0f} (+{row.added_memory / MIB:.0f})",
-            _num(row.agreement, ".2f"),
-            accuracy,
-        )
+        cells = row_cells(row.as_dict())
+        del cells[6]  # the oracle's TTFT: in the markdown, JSON and CSV
+        t.add_row(*cells)
     return t
 
 
@@ -142,9 +156,6 @@ def markdown(payload: dict) -> str:
     """A saved result (the content of results.json) as GitHub markdown: command, workload, machine, one table row
     per policy and keep with the columns of `table()` plus the oracle's TTFT."""
 
-    def ms(summary: dict | None) -> str:
-        return "-" if summary is None else f"{summary['median'] * 1e3:.1f}"
-
     base = payload["unpatched_ttft"]
     workload = payload.get("workload_text") or ", ".join(f"{k} {v}" for k, v in payload["workload"].items())
     lines = [
@@ -164,16 +175,7 @@ def markdown(payload: dict) -> str:
         if row.get("error") is not None:
             lines.append(f"| {row['policy']} | {row['keep']} | error: {row['error']} |" + " |" * 9)
             continue
-        split = " / ".join(ms(row[k]) for k in ("vision", "selection", "prefill"))
-        ttft = row["ttft"]
-        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f} ({_num(row['retention'], '.3f')})"
-        lines.append(
-            f"| {row['policy']} | {row['keep']} | {row['visual_tokens']:g} → {row['llm_input_tokens']:g} "
-            f"({row['layer_mean_tokens']:.1f}) | {_num(row['flops_ratio'], '.3f')} | {ttft['median'] * 1e3:.1f} "
-            f"({ttft['p90'] * 1e3:.1f}) | {split} | {ms(row['oracle'])} | {_num(row['overhead'], '.3f')} | "
-            f"{_num(row['decode_tps'], '.1f')} | {row['peak_memory'] / MIB:.0f} (+{row['added_memory'] / MIB:.0f}) | "
-            f"{_num(row['agreement'], '.2f')} | {accuracy} |"
-        )
+        lines.append("| " + " | ".join(row_cells(row)) + " |")
     return "\n".join(lines) + "\n"
 
 
