@@ -124,3 +124,17 @@ def test_bad_split_is_rejected():
         sample("training", 0)
     with pytest.raises(ValueError, match="index"):
         sample("test", -1)
+
+
+def test_every_train_sample_builds_and_uses_only_the_vocabulary():
+    """A layout with no room is redrawn (it used to raise somewhere in the train split); the test split is
+    unchanged by that (its first samples all fit at once)."""
+    from tokenzip.synthetic.vocabulary import vocabulary
+
+    words = set(vocabulary())
+    for i in range(0, 60_000, 7):
+        s = sample("train", i)
+        assert set(s.question.text.split()) | {s.question.answer} <= words
+    for i in range(300):
+        q = video_sample("train", i).question
+        assert set(q.text.split()) | {q.answer} <= words

@@ -66,17 +66,34 @@ class Scene:
         return replace(self, objects=tuple(objects))
 
 
+class _NoRoom(Exception):
+    """No free spot for the next object in this layout."""
+
+
 def _free_spot(rng: random.Random, taken: list[tuple[float, float, float]], radius: float) -> tuple[float, float]:
     """A centre whose disc does not touch the taken discs (x, y, r) nor the border; rejection sampling."""
     for _ in range(500):
         x, y = rng.uniform(radius + 0.02, 1 - radius - 0.02), rng.uniform(radius + 0.02, 1 - radius - 0.02)
         if all(math.hypot(x - tx, y - ty) > radius + tr + 0.03 for tx, ty, tr in taken):
             return x, y
-    raise RuntimeError("no free spot for an object: too many objects for the canvas")
+    raise _NoRoom
 
 
 def random_scene(rng: random.Random, n_objects: tuple[int, int] = (3, 6), glyph: bool = True) -> Scene:
-    """Objects with random shape, colour, size and non-overlapping positions, plus (optionally) one glyph."""
+    """Objects with random shape, colour, size and non-overlapping positions, plus (optionally) one glyph.
+
+    A layout that leaves no room for the next object is discarded and drawn again from the same generator (still
+    deterministic; layouts that fit the first time are unaffected).
+    """
+    for _ in range(100):
+        try:
+            return _layout(rng, n_objects, glyph)
+        except _NoRoom:
+            continue
+    raise RuntimeError("no layout fits: too many objects for the canvas")
+
+
+def _layout(rng: random.Random, n_objects: tuple[int, int], glyph: bool) -> Scene:
     taken: list[tuple[float, float, float]] = []
     objects = []
     for _ in range(rng.randint(*n_objects)):

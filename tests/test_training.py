@@ -1,0 +1,112 @@
+"""Training of the bundled tiny models: labels, conversations, a few optimisation steps, save and reload."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tokenzip.loading import load_vlm
+from tokenzip.synthetic import CATEGORIES, sample
+from tokenzip.synthetic.conversations import extra_questions, messages
+from tokenzip.synthetic.questions import NUMBER_WORDS
+from tokenzip.synthetic.train import ASSISTANT_MARKER, TrainConfig, answer_mask, train, training_batch
+
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
+
+
+def test_answer_mask_marks_answer_and_end_token():
+    ids = torch.tensor([[5, 9, 1, 2, 7, 9, 3, 2, 0]])  # 9 = marker, 2 = end of turn
+    mask = answer_mask(ids, marker_id=9)
+    assert mask[0].nonzero().flatten().tolist() == [2, 3, 6, 7]
+
+
+@pytest.mark.parametrize("index", range(0, 120, 7))
+def test_extra_questions_are_answered_by_the_unchanged_scene(index):
+    scene = sample("train", index).scene
+    for q in extra_questions(random.Random(index), scene):
+        objs = scene.objects
+        if q.category == "color":
+            shape = q.text.split()[-2]
+            assert [o.color for o in objs if o.shape == shape] == [q.answer]
+        elif q.category == "shape":
+            color = q.text.split()[-3]
+            assert [o.shape for o in objs if o.color == color] == [q.answer]
+        elif q.category == "count":
+            shape = q.text.split()[2][:-1]
+            assert NUMBER_WORDS[sum(o.shape == shape for o in objs)] == q.answer
+        elif q.category == "exists":
+            color, shape = q.text.split()[3:5]
+            assert any(o.color == color and o.shape == shape for o in objs) == (q.answer == "yes")
+        elif q.category == "position":
+            words = q.text.split()
+            a = next(o for o in objs if o.color == words[2] and o.shape == words[3])
+            b = next(o for o in objs if o.color == words[-3] and o.shape == words[-2])
+            assert ("left" if a.x < b.x else "right") == q.answer
+        else:
+            assert q.category == "ocr" and q.answer == scene.glyph.char.lower()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_batch_labels_exactly_the_answers(family):
+    from tokenzip.synthetic.architectures import build
+
+    torch.manual_seed(0)
+    _, processor = build(family)
+    cfg = TrainConfig(family=family, extra_turns=3)
+    batch = training_batch(processor, family, [0, 1], cfg)
+    tok = processor.tokenizer
+    end = "</s>" if family == "llava" else "<|im_end|>"
+    for b, i in enumerate([0, 1]):
+        labels = batch["labels"][b]
+        words = tok.convert_ids_to_tokens(labels[labels != -100].tolist())
+        own = sample("train", i).question
+        assert words[:2] == [own.answer, end]  # the sample's own question comes first
+        assert words[1::2] == [end] * (len(words) // 2)
+        assert len(words) // 2 >= 2
+    assert ASSISTANT_MARKER[family] in tok.get_vocab()
+    # the first turn is the evaluation prompt, verbatim
+    prompt = processor.apply_chat_template(messages([sample("train", 0).question])[:1], add_generation_prompt=True)
+    ids = tok(prompt)["input_ids"]
+    full = batch["input_ids"][0][batch["input_ids"][0] != processor.tokenizer.pad_token_id].tolist()
+    image_id = tok.convert_tokens_to_ids("<image>" if family != "qwen2_5_vl" else "<|image_pad|>")
+    collapsed = [t for k, t in enumerate(full) if t != image_id or (k > 0 and full[k - 1] != image_id)]
+    assert collapsed[: len(ids)] == ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_few_steps_train_save_and_reload(tmp_path, family):
+    cfg = TrainConfig(family=family, max_steps=3, batch_size=2, extra_turns=2, warmup=1, eval_samples=0, lr=1e-3)
+    model, processor, report = train(cfg, out=tmp_path, verbose=False, test_samples=6)
+    assert report["steps"] == 3 and len(report["losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(report["losses"])))
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert set(saved["test_accuracy"]) == {*CATEGORIES, "all"}
+    assert (tmp_path / "model.safetensors").stat().st_size < 8e6  # float16 on disk
+    loaded, loaded_processor = load_vlm(tmp_path, dtype="float32")
+    assert loaded.dtype == torch.float32
+    saved_params = dict(loaded.named_parameters())
+    for name, param in model.named_parameters():  # weights are the trained ones rounded to float16
+        assert torch.equal(saved_params[name], param.detach().to(torch.float16).to(torch.float32)), name
+    probe = sample("test", 3)
+    text = loaded_processor.apply_chat_template(messages([probe.question])[:1], add_generation_prompt=True)
+    reference = processor.apply_chat_template(messages([probe.question])[:1], add_generation_prompt=True)
+    assert text == reference
+    new = loaded_processor(images=[probe.image()], text=[text], return_tensors="pt")
+    old = processor(images=[probe.image()], text=[text], return_tensors="pt")
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+
+
+def test_missing_bundled_model_says_how_to_train_it():
+    from tokenzip import assets
+
+    with pytest.raises(ValueError, match="synth-llava"):
+        assets.path("llava-7b")
+    for name, family in assets.FAMILY_OF.items():
+        if name not in assets.names():
+            with pytest.raises(FileNotFoundError, match=f"--family {family}"):
+                assets.path(name)
+        else:
+            assert (assets.path(name) / "config.json").is_file()

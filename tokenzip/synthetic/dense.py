@@ -1,0 +1,108 @@
+"""Per-cell scene labels for the auxiliary dense loss used while training the bundled tiny models.
+
+A from-scratch VLM learns slowly when the only signal is one answer word per question: the vision tower gets
+no direct supervision. During training (only), small linear heads read the projected visual tokens and predict,
+for every grid cell, the colour and shape of the object under the cell centre and the glyph printed there. The
+heads are discarded; the shipped model is the plain HF class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scenes import COLORS, GLYPHS, SHAPES, Scene
+
+COLOR_CLASSES = len(COLORS) + 1  # + background
+SHAPE_CLASSES = len(SHAPES) + 1
+GLYPH_CLASSES = len(GLYPHS) + 1
+_COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}
+_SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
+
+
+def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
+    """Whether offsets (dx, dy) from a shape's centre fall inside it (same geometry as `scenes.render`)."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (dx.abs() <= r) & (dy.abs() <= r)
+    if shape == "triangle":  # apex (0, -r), base corners (+-r, r)
+        return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
+    return dx.abs() + dy.abs() <= r  # diamond
+
+
+def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, float, float] = (0, 0, 1, 1)):
+    """[3, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, raster order.
+
+    `box` = (x0, y0, x1, y1) is the part of the image the grid covers (a tile of an anyres image).
+    """
+    x0, y0, x1, y1 = box
+    ys = y0 + (torch.arange(rows, dtype=torch.float64) + 0.5) * (y1 - y0) / rows
+    xs = x0 + (torch.arange(cols, dtype=torch.float64) + 0.5) * (x1 - x0) / cols
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    color = torch.zeros(rows, cols, dtype=torch.long)
+    shape = torch.zeros(rows, cols, dtype=torch.long)
+    glyph = torch.zeros(rows, cols, dtype=torch.long)
+    for obj in scene.objects:  # later objects are drawn on top
+        hit = inside(obj.shape, x - obj.x, y - obj.y, obj.radius)
+        color[hit] = _COLOR_INDEX[obj.color]
+        shape[hit] = _SHAPE_INDEX[obj.shape]
+    if scene.glyph is not None:
+        g = scene.glyph
+        hit = ((x - g.x).abs() <= g.radius) & ((y - g.y).abs() <= g.radius)
+        glyph[hit] = GLYPHS.index(g.char) + 1
+        color[hit] = 0
+        shape[hit] = 0
+    return torch.stack([color, shape, glyph]).flatten(1)
+
+
+class DenseHeads(torch.nn.Module):
+    """Linear colour / shape / glyph classifiers over visual tokens [N, D] (training only)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.color = torch.nn.Linear(dim, COLOR_CLASSES)
+        self.shape = torch.nn.Linear(dim, SHAPE_CLASSES)
+        self.glyph = torch.nn.Linear(dim, GLYPH_CLASSES)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """tokens [N, D], labels [3, N] -> mean of three cross-entropies, each balanced so that the few cells on
+        an object (or on the glyph) weigh as much as the background: averaged over all cells, the background
+        dominates and the heads learn colour (trivial) but never shape or glyph identity."""
+        total = tokens.new_zeros(())
+        for head, target in zip((self.color, self.shape, self.glyph), labels):
+            logits = head(tokens)
+            on = target > 0
+            ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            object_part = ce[on].mean() if on.any() else ce.new_zeros(())
+            background_part = ce[~on].mean() if (~on).any() else ce.new_zeros(())
+            total = total + object_part + background_part
+        return total / 3
+
+
+def asked_objects(scene: Scene, question) -> list:
+    """The objects (or the glyph) a question is about, read from its words: what the answer must look at."""
+    words = question.text.replace("?", " ").split()
+    colors = [w for w in words if w in COLORS]
+    shapes = [w.rstrip("s") for w in words if w.rstrip("s") in SHAPES]
+    objs = scene.objects
+    if question.category == "ocr":
+        return [scene.glyph] if scene.glyph is not None else []
+    if question.category == "position":  # two (colour, shape) pairs
+        return [o for o in objs for c, s in zip(colors, shapes) if o.color == c and o.shape == s]
+    return [o for o in objs if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
+
+
+def object_cells(things: list, rows: int, cols: int) -> torch.Tensor:
+    """[rows * cols] bool: cells whose centre lies on one of `things` (objects or a glyph box), plus each thing's
+    centre cell (a thin triangle may cover no cell centre)."""
+    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
+    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    hit = torch.zeros(rows, cols, dtype=torch.bool)
+    for t in things:
+        if hasattr(t, "shape"):
+            hit |= inside(t.shape, x - t.x, y - t.y, t.radius)
+        else:
+            hit |= ((x - t.x).abs() <= t.radius) & ((y - t.y).abs() <= t.radius)
+        hit[min(rows - 1, int(t.y * rows)), min(cols - 1, int(t.x * cols))] = True
+    return hit.flatten()

@@ -1,0 +1,44 @@
+"""Greedy accuracy of a model on a synthetic split, per category (the quick check used while training)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .architectures import RENDER_SIDE
+from .conversations import messages
+from .dataset import sample
+
+
+@torch.no_grad()
+def answers(model, processor, family: str, images: list, questions: list[str], max_new_tokens: int = 2) -> list[str]:
+    """Greedy answers (first word, lower case) to one question per image, as one left-padded batch."""
+    prompts = [processor.apply_chat_template(messages_for(q), add_generation_prompt=True) for q in questions]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [(t.split() or [""])[0].lower() for t in texts]
+
+
+def messages_for(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def evaluate(
+    model, processor, family: str, split: str = "val", n: int = 300, seed: int = 0, batch_size: int = 32
+) -> dict[str, float]:
+    """Exact-match accuracy of the first `n` samples of `split`: overall and per category."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, n, batch_size):
+        batch = [sample(split, i, seed) for i in range(start, min(n, start + batch_size))]
+        got = answers(model, processor, family, [s.image(RENDER_SIDE) for s in batch], [s.question.text for s in batch])
+        for s, a in zip(batch, got):
+            hits[s.question.category].append(a == s.question.answer)
+    report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
+    report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return report
+
+
+__all__ = ["answers", "evaluate", "messages"]

@@ -1,0 +1,349 @@
+"""Train a bundled tiny VLM from scratch on the synthetic QA data, on CPU.
+
+    python -m tokenzip.synthetic.train --family llava --minutes 40 --out tokenzip/assets/tiny-llava
+
+Each step renders a fresh batch of training samples (`sample("train", i)` for a stream of indices, wrapping
+around the split), builds multi-turn conversations (the sample's own question first, then extra questions about
+the same scene, see `conversations`) and minimises the cross-entropy of the answer word and the end-of-turn token
+of every assistant turn. Evaluation is greedy generation on the validation split; the run writes the weights
+(safetensors), the processor files and `training.json` (settings, loss curve, per-category accuracy, time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .architectures import FAMILIES, IMAGE_SIDE, RENDER_SIDE, build
+from .attention_teacher import AttentionTeacher
+from .conversations import extra_questions, messages
+from .dataset import SPLITS, Sample, sample
+from .dense import DenseHeads
+from .evaluate import evaluate
+from .questions import ASK, CATEGORIES
+from .scenes import random_scene
+
+ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
+
+
+@dataclass
+class TrainConfig:
+    family: str = "llava"
+    minutes: float = 40.0  # wall-clock budget for the optimisation steps
+    max_steps: int = 100_000
+    batch_size: int = 32
+    extra_turns: int = 5  # extra questions per image after the sample's own
+    lr: float = 2e-3
+    warmup: int = 150
+    weight_decay: float = 0.05
+    curriculum: float = 0.2  # share of the time budget trained on easy scenes (2-3 objects) first
+    dense_weight: float = 1.0  # auxiliary per-cell colour / shape / glyph loss on the visual tokens (see dense.py)
+    attention_weight: float = 1.0  # attention supervision of two heads (see attention_teacher.py); 0 = off
+    noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
+    answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
+    seed: int = 0
+    eval_every: int = 250
+    eval_samples: int = 300  # validation samples per periodic evaluation
+    threads: int = 2
+    log: list = field(default_factory=list)
+
+
+def answer_mask(input_ids: torch.Tensor, marker_id: int) -> torch.Tensor:
+    """[B, S] bool: the answer word (right after the assistant marker) and the end-of-turn token after it."""
+    after_marker = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_marker[:, 1:] = input_ids[:, :-1] == marker_id
+    mask = after_marker.clone()
+    mask[:, 1:] |= after_marker[:, :-1]
+    return mask
+
+
+def easy_sample(index: int, seed: int = 0) -> Sample:
+    """A curriculum sample: the same question categories on scenes of only 2-3 objects (fewer distractors)."""
+    rng = random.Random(f"easy/{seed}/{index}")
+    category = CATEGORIES[index % len(CATEGORIES)]
+    scene, question = ASK[category](rng, random_scene(rng, n_objects=(2, 3)))
+    return Sample("train", index, scene, question)
+
+
+def training_batch(processor, family: str, indices: list[int], cfg: TrainConfig, easy: bool = False) -> dict:
+    """Processor inputs for the conversations of train samples `indices`, plus `labels` (-100 = ignored) and the
+    `scenes` (for the dense auxiliary targets)."""
+    texts, images, scenes, asked = [], [], [], []
+    for i in indices:
+        s = easy_sample(i, cfg.seed) if easy else sample("train", i % SPLITS["train"], cfg.seed)
+        rng = random.Random(f"turns/{cfg.seed}/{i}")
+        extra = [q for q in extra_questions(rng, s.scene) if q.category != s.question.category]
+        questions = [s.question, *extra[: cfg.extra_turns]]
+        texts.append(processor.apply_chat_template(messages(questions), add_generation_prompt=False))
+        images.append(s.image(RENDER_SIDE))
+        scenes.append(s.scene)
+        asked.append(questions)
+    processor.tokenizer.padding_side = "right"
+    batch = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    labels = batch["input_ids"].masked_fill(~answer_mask(batch["input_ids"], marker), -100)
+    batch["labels"] = labels
+    batch["scenes"] = scenes
+    batch["questions"] = asked
+    return batch
+
+
+def loss_on_answers(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens (next-token prediction)."""
+    batch = {k: v for k, v in batch.items() if k not in ("scenes", "questions")}
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]
+    target = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+
+class VisualTap:
+    """Captures the visual tokens the LLM receives, in the order of `dense_labels` (a forward hook)."""
+
+    def __init__(self, model, family: str) -> None:
+        self.family = family
+        self.tokens: torch.Tensor | None = None
+        inner = model.model
+        module = inner.visual if family == "qwen2_5_vl" else inner.multi_modal_projector
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        out = output.pooler_output if self.family == "qwen2_5_vl" else output
+        self.tokens = out.reshape(-1, out.shape[-1])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def attribute_word_ids(tokenizer) -> set[int]:
+    """Ids of the words that name what a question is about: colours, shapes (singular and plural), 'box'."""
+    from .scenes import COLORS, SHAPES
+
+    words = [*COLORS, *SHAPES, *(f"{shape}s" for shape in SHAPES), "box"]
+    return set(tokenizer.convert_tokens_to_ids(words))
+
+
+def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids: set[int]):
+    """Targets of the two supervised hops, per assistant turn whose question names something visible:
+
+    * noun -> object: the question's last naming word (the shape in "What color is the square ?", "box" for the
+      glyph) should attend to the visual tokens covering the object(s) it names;
+    * answer -> noun: the token that predicts the answer should attend to that word.
+
+    Returns ((noun queries [M, 2], object keys [M, S]), (answer queries [M, 2], noun keys [M, S])); queries are
+    (sample, position) rows. LLaVA: one image per sample, visual tokens in raster order of the patch grid.
+    """
+    from .dense import asked_objects, object_cells
+
+    if family != "llava":
+        raise NotImplementedError(f"attention supervision is implemented for llava only, not {family!r}")
+    ids = batch["input_ids"]
+    width = ids.shape[1]
+    image_id = model.config.image_token_id
+    cfg = model.config.vision_config
+    grid = cfg.image_size // cfg.patch_size
+    nouns, objects, answers, words = [], [], [], []
+    for b, (scene, questions) in enumerate(zip(batch["scenes"], batch["questions"])):
+        row_ids = ids[b].tolist()
+        markers = [p for p, t in enumerate(row_ids) if t == marker_id]
+        image_positions = (ids[b] == image_id).nonzero().flatten()
+        for pos, question in zip(markers, questions):
+            things = asked_objects(scene, question)
+            if question.category == "position":  # the last naming word is the second object's shape
+                things = things[-1:] if len(things) == 2 else things
+            cells = object_cells(things, grid, grid)
+            noun = next((p for p in range(pos - 1, -1, -1) if row_ids[p] in noun_ids), None)
+            if noun is None or not things or not cells.any():
+                continue
+            keys = torch.zeros(width, dtype=torch.bool)
+            keys[image_positions[cells]] = True
+            nouns.append((b, noun))
+            objects.append(keys)
+            word = torch.zeros(width, dtype=torch.bool)
+            word[noun] = True
+            answers.append((b, pos))
+            words.append(word)
+    rows = lambda q: torch.tensor(q, dtype=torch.long).reshape(-1, 2)  # noqa: E731
+    return (rows(nouns), torch.stack(objects)), (rows(answers), torch.stack(words))
+
+
+def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
+    """[3, N] cell labels matching `VisualTap.tokens` for square images rendered at RENDER_SIDE."""
+    from .dense import cell_labels
+
+    if family == "llava_onevision":
+        cfg = model.config.vision_config
+        grid = cfg.image_size // cfg.patch_size
+        halves = [(0, 0, 0.5, 0.5), (0.5, 0, 1, 0.5), (0, 0.5, 0.5, 1), (0.5, 0.5, 1, 1)]  # 2x2 tiles, raster order
+        boxes = [(0, 0, 1, 1), *halves]  # the base image first
+        return torch.cat([cell_labels(sc, grid, grid, box) for sc in scenes for box in boxes], dim=1)
+    if family == "qwen2_5_vl":
+        cfg = model.config.vision_config
+        grid = IMAGE_SIDE[family] // (cfg.patch_size * cfg.spatial_merge_size)
+    else:
+        cfg = model.config.vision_config
+        grid = cfg.image_size // cfg.patch_size
+    return torch.cat([cell_labels(sc, grid, grid) for sc in scenes], dim=1)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_samples: int = SPLITS["test"]):
+    """Train one family; returns `(model, processor, report)`. With `out`, saves there and measures the first
+    `test_samples` of the test split on the saved copy."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"unknown family {cfg.family!r}; choose one of {list(FAMILIES)}")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, processor = build(cfg.family)
+    model.train()
+    heads = DenseHeads(model.config.get_text_config().hidden_size)
+    tap = VisualTap(model, cfg.family)
+    supervise = bool(cfg.attention_weight) and cfg.family == "llava"  # targets implemented for LLaVA's grid only
+    teachers = (AttentionTeacher(model, cfg.noun_layer), AttentionTeacher(model, cfg.answer_layer)) if supervise else ()
+    noun_ids = attribute_word_ids(processor.tokenizer)
+    marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
+    params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    start = time.perf_counter()
+    budget = cfg.minutes * 60
+    # The schedule length is re-estimated from the recent step time so that the cosine ends with the budget.
+    total = cfg.max_steps
+    step, seen, losses, dense_losses, attention_losses = 0, 0, [], [], []
+    mark = (0, 0.0)  # (step, elapsed) at the last re-estimate of the schedule length
+    while step < total:
+        indices = list(range(seen, seen + cfg.batch_size))
+        seen += cfg.batch_size
+        easy = time.perf_counter() - start < cfg.curriculum * budget
+        batch = training_batch(processor, cfg.family, indices, cfg, easy=easy)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg)
+        loss = loss_on_answers(model, batch)
+        cells = dense_labels(model, cfg.family, batch["scenes"])
+        dense = heads.loss(tap.tokens, cells)
+        total_loss = loss + cfg.dense_weight * dense
+        if supervise:
+            hops = attention_targets(model, cfg.family, batch, marker_id, noun_ids)
+            attention = sum(teacher.loss(*hop) for teacher, hop in zip(teachers, hops)) / 2
+            total_loss = total_loss + cfg.attention_weight * attention
+            attention_losses.append(attention.item())
+        opt.zero_grad(set_to_none=True)
+        total_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        losses.append(loss.item())
+        dense_losses.append(dense.item())
+        step += 1
+        elapsed = time.perf_counter() - start
+        if step % 20 == 0 and elapsed < 0.8 * budget:  # re-estimate from the recent speed (other load varies)
+            recent_step = (elapsed - mark[1]) / (step - mark[0]) if step > mark[0] else elapsed / step
+            total = min(cfg.max_steps, step + int((budget - elapsed) / recent_step))
+            mark = (step, elapsed)
+        if verbose and step % 25 == 0:
+            recent = sum(losses[-25:]) / len(losses[-25:])
+            aux = sum(dense_losses[-25:]) / len(dense_losses[-25:])
+            rate = lr_at(step, total, cfg)
+            att = sum(attention_losses[-25:]) / max(1, len(attention_losses[-25:]))
+            print(f"step {step}/{total} loss {recent:.4f} dense {aux:.4f} attention {att:.3f} lr {rate:.2e}", end="")
+            print(f" {elapsed / 60:.1f} min")
+        if cfg.eval_samples and (step % cfg.eval_every == 0 or step == total):
+            model.eval()
+            acc = evaluate(model, processor, cfg.family, "val", cfg.eval_samples, seed=cfg.seed)
+            model.train()
+            cfg.log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": losses[-1], **acc})
+            if verbose:
+                print("  val", json.dumps(acc))
+    tap.remove()
+    for teacher in teachers:
+        teacher.remove()
+    model.eval()
+    minutes = (time.perf_counter() - start) / 60
+    report = {
+        "losses": [round(x, 4) for x in losses],
+        "dense_losses": [round(x, 4) for x in dense_losses],
+        "attention_losses": [round(x, 4) for x in attention_losses],
+        "command": "python -m tokenzip.synthetic.train " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "config": asdict(cfg),
+        "steps": step,
+        "train_minutes": round(minutes, 2),
+        "samples_seen": seen,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if out is not None:
+        report = save(model, processor, out, report, test_samples)
+        if verbose:
+            print("test", json.dumps(report["test_accuracy"]))
+    return model, processor, report
+
+
+def save(model, processor, out: Path, report: dict, test_samples: int = SPLITS["test"]) -> dict:
+    """Write float16 safetensors + processor files, reload them as float32 (what users load), measure the test
+    split per category and write `training.json`. Returns the report with `test_accuracy` added."""
+    from ..loading import load_vlm
+
+    out.mkdir(parents=True, exist_ok=True)
+    copy = copy_module(model).to(torch.float16)
+    copy.save_pretrained(out)
+    processor.save_pretrained(out)
+    family = report["config"]["family"]
+    loaded, loaded_processor = load_vlm(out, dtype="float32")
+    start = time.perf_counter()
+    report["test_accuracy"] = evaluate(loaded, loaded_processor, family, "test", test_samples)
+    report["test_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def copy_module(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=FAMILIES, default="llava")
+    ap.add_argument("--minutes", type=float, default=TrainConfig.minutes)
+    ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    ap.add_argument("--eval-samples", type=int, default=TrainConfig.eval_samples)
+    ap.add_argument("--out", type=Path, default=None, help="directory for the trained model (default: not saved)")
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(
+        family=a.family,
+        minutes=a.minutes,
+        max_steps=a.max_steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        eval_every=a.eval_every,
+        eval_samples=a.eval_samples,
+    )
+    train(cfg, a.out)
+
+
+if __name__ == "__main__":
+    main()
