@@ -13,6 +13,7 @@ import torch
 from conftest import POLICY_CASES, apply_case, get_tiny, image_inputs, video_inputs
 from typer.testing import CliRunner
 
+import tokenzip
 from tokenzip.adapters import get_adapter
 from tokenzip.cli import app
 from tokenzip.configs import builtin_names
@@ -139,3 +140,27 @@ def test_flops_cli():
     assert bad.exit_code != 0 and "built-in models" in bad.output
     bad = runner.invoke(app, ["flops", "--policy", "fastv", "--keep", "0.01"])
     assert bad.exit_code != 0 and "infeasible" in bad.output
+
+
+@pytest.mark.parametrize("policy", ["none", "pool", "fastv", "mustdrop"])
+def test_sample_flops_match_the_batch_breakdown(policy):
+    """Per-sample FLOPs of the lmms-eval logs: at batch size 1 they equal the record's analytic breakdown; the
+    unpatched model has ratio 1 exactly."""
+    from tokenzip.flops import breakdown_of_record, sample_flops
+    from tokenzip.testing.tiny import dummy_image, tiny
+
+    vlm = tiny("llava")
+    inputs = vlm.inputs([dummy_image()], vlm.prompt())
+    keep = 1.0 if policy == "none" else 0.5
+    with tokenzip.apply(vlm.model, policy, keep) as patch, torch.no_grad():
+        vlm.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        record = patch.stats.last
+    length = int(inputs["attention_mask"].sum())
+    (row,) = sample_flops(vlm.model.config, record, [length])
+    assert row["prefill"] == breakdown_of_record(vlm.model.config, record).prefill
+    if policy == "none":
+        assert row["ratio"] == 1.0 and row["prefill"] == row["prefill_unpruned"]
+    else:
+        assert row["ratio"] < 1.0
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        sample_flops(vlm.model.config, record, [length, length])

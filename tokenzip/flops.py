@@ -243,3 +243,47 @@ def breakdown_of_record(config, record, lm_head_tokens: int = 1, overhead: int =
         decode_step=decode_step_flops(dims, record.cache_width_per_layer, batch),
         llm_per_layer=per_layer,
     )
+
+
+def sample_flops(config, record, prompt_lengths: list[int], lm_head_tokens: int = 1) -> list[dict[str, float]]:
+    """Per-sample prefill FLOPs of a recorded forward, as run and unpruned (for per-sample logs).
+
+    The LLM part is exact per sample: the real (unpadded) tokens each decoder layer processed, against
+    `prompt_lengths[b]` tokens in every layer for the unpatched model (the prompt as the processor built it).
+    The vision tower and projector ran as one batch, so each sample gets an equal share of that work; their
+    unpruned counterparts use full token widths. Returns dicts with `prefill`, `prefill_unpruned`, `llm`,
+    `llm_unpruned` and `ratio` (= prefill / prefill_unpruned).
+    """
+    batch = len(record.samples)
+    if len(prompt_lengths) != batch:
+        raise ValueError(f"prompt_lengths has {len(prompt_lengths)} entries for a record of {batch} samples")
+    vdims = VisionDims.from_config(config)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    per_row_full = vdims.grid**2 + int(vdims.has_cls and strategy == "full")
+    vision = vision_full = 0
+    for call in record.vision:
+        if "qwen_grids" in call:
+            tower = vdims.qwen_tower(call["qwen_grids"])
+            vision, vision_full = vision + tower, vision_full + tower
+        else:
+            rows = call["vision_rows"]
+            vision += vdims.vit_tower(rows, call["vision_widths"]) + projector_flops(config, call["projector_tokens"])
+            vision_full += vdims.vit_tower(rows) + projector_flops(config, rows * per_row_full)
+    dims = DecoderDims.from_config(config.get_text_config())
+    head = dims.lm_head(lm_head_tokens)
+    out = []
+    for s, length in zip(record.samples, prompt_lengths):
+        llm = sum(llm_flops(dims, s.sequence_per_layer))
+        llm_full = sum(llm_flops(dims, [length] * dims.layers))
+        prefill = vision / batch + llm + head
+        prefill_full = vision_full / batch + llm_full + head
+        out.append(
+            {
+                "prefill": prefill,
+                "prefill_unpruned": prefill_full,
+                "llm": llm,
+                "llm_unpruned": llm_full,
+                "ratio": prefill / prefill_full,
+            }
+        )
+    return out
