@@ -303,6 +303,89 @@ def bench_command(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command("tasks-path")
+def tasks_path_command() -> None:
+    """Print the folder of tokenzip's lmms-eval tasks (for `python -m lmms_eval --include_path ...`)."""
+    from .evaluation import tasks_path
+
+    print(tasks_path())
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(
+        "synth-llava", help="bundled trained model (synth-llava, ...), hub id or checkpoint directory"
+    ),
+    task: str = typer.Option("tokenzip_synth", help="lmms-eval task (tokenzip's local tasks are included)"),
+    policies: str = typer.Option("all", help="comma-separated policy names, or 'all'"),
+    keeps: str = typer.Option(DEFAULT_KEEPS, help="comma-separated keeps (fractions or int tokens per image)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="policy option policy.key=value (repeatable)"),
+    limit: int = typer.Option(0, help="documents per run (0 = the whole task)"),
+    batch_size: int = typer.Option(8, help="lmms-eval batch size"),
+    device: str = typer.Option("", help="cpu, cuda or cuda:N (default: cuda when available)"),
+    attn: str = typer.Option("sdpa", help="sdpa, flash_attention_2 or eager"),
+    out: Path = typer.Option(Path("eval-results"), help="folder for eval.json and eval.md"),
+) -> None:
+    """Score a policy x keep grid with lmms-eval and print one table: accuracy, retention vs. unpruned, agreement
+    with the unpruned model, visual tokens, FLOPs ratio (default: the bundled synth-llava on tokenzip_synth,
+    offline). Needs lmms-eval (`pip install "tokenzip[eval]"`)."""
+    from .errors import TokenzipError
+    from .policies import list_policies
+
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError as err:
+        raise typer.BadParameter('tokenzip eval needs lmms-eval: pip install "tokenzip[eval]"') from err
+    from .evaluation.grid import COLUMNS, cells, run_grid
+
+    known = list(list_policies())
+    names = [p for p in known if p != "none"] if policies == "all" else [p.strip() for p in policies.split(",")]
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(known)}")
+    keep_values = [parse_keep(k.strip()) for k in keeps.split(",") if k.strip()]
+
+    def on_row(row) -> None:
+        console.print(" ".join(f"{label}={cell}" for (_, label, _), cell in zip(COLUMNS, cells(row))))
+
+    try:
+        rows = run_grid(
+            pretrained=model,
+            task=task,
+            policies=names,
+            keeps=keep_values,
+            limit=limit or None,
+            batch_size=batch_size,
+            attn_implementation=attn,
+            device=device or None,
+            policy_options=parse_policy_options(option),
+            on_row=on_row,
+        )
+    except (FileNotFoundError, TokenzipError, ValueError) as err:  # e.g. the bundled model is not installed
+        raise typer.BadParameter(str(err)) from err
+    _print_eval(rows, model, task, out)
+
+
+def _print_eval(rows, model: str, task: str, out: Path) -> None:
+    import shlex
+    import sys
+
+    from rich.table import Table
+
+    from .evaluation.grid import COLUMNS, cells, write
+
+    table = Table(title=f"{model} on {task}")
+    for _, label, _ in COLUMNS:
+        table.add_column(label, justify="left" if label == "policy" else "right")
+    for row in rows:
+        table.add_row(*cells(row))
+    wide = console if console.is_terminal else Console(width=200)
+    wide.print(table)
+    command = "tokenzip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write(rows, out, f"{model} on {task} (`{command}`)")
+    console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
