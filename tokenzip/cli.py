@@ -303,6 +303,44 @@ def bench_command(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command("show")
+def show_command(
+    image: Path = typer.Option(..., help="image file"),
+    model: str = typer.Option(
+        "tiny-llava", help="tiny-llava | tiny-qwen2_5_vl (random, offline), a bundled name, hub id or directory"
+    ),
+    question: str = typer.Option("What is in the image ?", help="the question asked about the image"),
+    policy: str = typer.Option("hiprune", help="policy name"),
+    keep: str = typer.Option("0.111", help="keep (fraction or int tokens per image)"),
+    option: list[str] = typer.Option([], "--option", help="policy option key=value (repeatable)"),
+    dim: float = typer.Option(0.75, help="darkening of dropped cells (0..1)"),
+    out: Path = typer.Option(Path("kept.png"), "--out", "-o", help="output PNG"),
+) -> None:
+    """Draw the visual tokens a policy keeps on the image as the model sees it (dropped cells darkened)."""
+    from PIL import Image
+
+    from .errors import TokenzipError
+    from .viz import show
+
+    try:
+        if model.startswith("tiny-"):
+            from .testing.tiny import tiny
+
+            vlm = tiny(model[len("tiny-") :])
+            loaded, processor = vlm.model, vlm.processor
+        else:
+            from .loading import load_vlm
+
+            loaded, processor = load_vlm(model)
+        picture = show(
+            loaded, processor, Image.open(image), question, policy, parse_keep(keep), dim=dim, **parse_options(option)
+        )
+    except (FileNotFoundError, TokenzipError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+    picture.save(out)
+    console.print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
+
+
 @app.command("tasks-path")
 def tasks_path_command() -> None:
     """Print the folder of tokenzip's lmms-eval tasks (for `python -m lmms_eval --include_path ...`)."""
