@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         raise ValueError(f"unknown family {cfg.family!r}; choose one of {list(FAMILIES)}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, processor = build(cfg.family)
+    model, processor = build(cfg.family, cfg.seed)
     model.train()
     heads = DenseHeads(model.config.get_text_config().hidden_size)
     tap = VisualTap(model, cfg.family)

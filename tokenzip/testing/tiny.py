@@ -86,6 +86,11 @@ def make_tokenizer(specials: list[str], extra_words: tuple[str, ...] = ()):
     return tok
 
 
+def _with(overrides: dict | None, **base):
+    """Config keyword arguments: `base` with `overrides` replacing (or adding) fields."""
+    return {**base, **(overrides or {})}
+
+
 def dummy_image(width: int = 112, height: int = 112, seed: int = 0) -> Image.Image:
     """A deterministic random RGB image."""
     g = torch.Generator().manual_seed(seed)
@@ -156,8 +161,14 @@ def tiny_llava(
     text_hidden: int = 64,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
 ) -> TinyVLM:
-    """Tiny `LlavaForConditionalGeneration` (CLIP tower with CLS, feature layer -2, 'default' strategy)."""
+    """Tiny `LlavaForConditionalGeneration` (CLIP tower with CLS, feature layer -2, 'default' strategy).
+
+    `tokenizer(specials)` builds the tokenizer; `vision_overrides` / `text_overrides` replace config fields (the
+    bundled trained models of `tokenzip.synthetic.architectures` are these builders, sized up)."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -167,28 +178,34 @@ def tiny_llava(
         LlavaProcessor,
     )
 
-    tok = make_tokenizer(["<image>"])
+    tok = tokenizer(["<image>"])
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vcfg = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
+        **_with(
+            vision_overrides,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
+        )
     )
     tcfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        **_with(
+            text_overrides,
+            vocab_size=len(tok),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     )
     cfg = LlavaConfig(
         vision_config=vcfg,
@@ -252,13 +269,19 @@ def tiny_qwen25vl(
     window_size: int = 56,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    max_side: int = 224,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
 ) -> TinyVLM:
-    """Tiny `Qwen2_5_VLForConditionalGeneration`: windowed vision blocks, 2x2 merger, M-RoPE LLM."""
+    """Tiny `Qwen2_5_VLForConditionalGeneration`: windowed vision blocks, 2x2 merger, M-RoPE LLM (images up to
+    `max_side` px a side; `tokenizer` and the overrides as in `tiny_llava`)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    tok = make_tokenizer(QWEN_SPECIALS)
+    tok = tokenizer(QWEN_SPECIALS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text_config = dict(
+    text_config = _with(
+        text_overrides,
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -271,7 +294,8 @@ def tiny_qwen25vl(
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=tok.pad_token_id,
     )
-    vision_config = dict(
+    vision_config = _with(
+        vision_overrides,
         depth=vision_layers,
         hidden_size=32,
         intermediate_size=64,
@@ -295,7 +319,7 @@ def tiny_qwen25vl(
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
     improc = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
+        size={"shortest_edge": 56 * 56, "longest_edge": max_side * max_side},
         patch_size=14,
         temporal_patch_size=2,
         merge_size=2,
@@ -382,8 +406,12 @@ def tiny_llava_ov(
     text_layers: int = 24,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
 ) -> TinyVLM:
-    """Tiny `LlavaOnevisionForConditionalGeneration` (SigLIP tower, anyres_max_9 with a 2x2 pinpoint grid)."""
+    """Tiny `LlavaOnevisionForConditionalGeneration` (SigLIP tower, anyres_max_9 with a 2x2 pinpoint grid;
+    `tokenizer` and the overrides as in `tiny_llava`)."""
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -392,29 +420,35 @@ def tiny_llava_ov(
         SiglipVisionConfig,
     )
 
-    tok = make_tokenizer(OV_SPECIALS)
+    tok = tokenizer(OV_SPECIALS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in OV_SPECIALS}
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2) for b in (1, 2)]
     vcfg = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        vision_use_head=False,
+        **_with(
+            vision_overrides,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            vision_use_head=False,
+        )
     )
     tcfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=tok.pad_token_id,
+        **_with(
+            text_overrides,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=tok.pad_token_id,
+        )
     )
     cfg = LlavaOnevisionConfig(
         vision_config=vcfg,
