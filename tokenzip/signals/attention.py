@@ -47,13 +47,23 @@ def _softmax_mean_heads(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0).mean(1)
 
 
+def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` for x [B, R, D]; with R = 0 (keys-only calls) an empty [B, 0, out] without running the layer:
+    bitsandbytes' CPU 4-bit kernel crashes the process (division by zero) on an empty input."""
+    if x.shape[1]:
+        return linear(x)
+    weight = getattr(linear, "weight", None)
+    out = getattr(linear, "out_features", None) or weight.shape[0]
+    return x.new_zeros(x.shape[0], 0, out)
+
+
 # ------------------------------------------------------------------------------------------ ViT encoders
 def encoder_qk(attn: torch.nn.Module, hidden_states: torch.Tensor, rows: torch.Tensor | slice | None = None):
     """Queries (of `rows`, all rows if None) and keys [B, H, *, hd] of a CLIP / SigLIP attention module."""
     b, n, _ = hidden_states.shape
     hd = attn.head_dim
     q_in = hidden_states if rows is None else hidden_states[:, rows]
-    q = attn.q_proj(q_in).view(b, q_in.shape[1], attn.num_heads, hd).transpose(1, 2)
+    q = _project(attn.q_proj, q_in).view(b, q_in.shape[1], attn.num_heads, hd).transpose(1, 2)
     k = attn.k_proj(hidden_states).view(b, n, attn.num_heads, hd).transpose(1, 2)
     return q, k
 
@@ -188,7 +198,7 @@ def decoder_qk(
     else:
         q_in, q_cos, q_sin = hidden_states[:, rows], cos[:, rows], sin[:, rows]
     n_heads = attn.config.num_attention_heads
-    q = attn.q_proj(q_in).view(b, q_in.shape[1], n_heads, hd).transpose(1, 2)
+    q = _project(attn.q_proj, q_in).view(b, q_in.shape[1], n_heads, hd).transpose(1, 2)
     q = _apply_rope(q, q_cos, q_sin)
     if keys is None:
         k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd).transpose(1, 2)

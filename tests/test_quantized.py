@@ -1,0 +1,121 @@
+"""bitsandbytes 8-bit and 4-bit models (CPU backend) with every policy.
+
+The tiny models are sized so that every quantised linear layer has widths that are multiples of 64 (what the
+4-bit kernels need): vision and text hidden size 64, MLP width 128. They are saved and reloaded with a
+`BitsAndBytesConfig`, as users load real checkpoints. Each policy must give the same property as on float
+models: cached generation equals a cache-free recomputation under the same selection, with the layer-averaged
+visual count of the float model, and keep=1.0 must leave the quantised model's logits untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+from conftest import FAMILIES, POLICY_CASES, apply_case, image_inputs
+
+from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.testing.tiny import TinyVLM, tiny
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes is not installed (pip install bitsandbytes; CI installs it)",
+)
+
+MODES = ("8bit", "4bit")
+WIDTHS = {  # every quantised nn.Linear gets in/out features that are multiples of 64
+    "llava": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}),
+    "qwen2_5_vl": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 64}),
+    "llava_onevision": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128}),
+}
+KEEP = 0.34  # FastV at layer 2 of the 24-layer tiny LLMs reaches it on every family
+
+
+def _cases(family: str) -> list[str]:
+    # Only LLaVA-1.5's CLIP accepts the vision stage (the others refuse it by design, tested in test_api).
+    return [c for c in POLICY_CASES if family == "llava" or c != "random-vision"]
+
+
+@functools.cache
+def float_model(family: str) -> TinyVLM:
+    return tiny(family, **WIDTHS[family])
+
+
+@functools.cache
+def quantized(family: str, mode: str, folder: str) -> torch.nn.Module:
+    from transformers import BitsAndBytesConfig
+
+    vlm = float_model(family)
+    vlm.model.save_pretrained(folder)
+    if mode == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    cls = type(vlm.model)
+    return cls.from_pretrained(folder, quantization_config=config, device_map="cpu", attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {(f, m): str(tmp_path_factory.mktemp(f"{f}-{m}")) for f in FAMILIES for m in MODES}
+
+
+def _quantized_layers(model) -> set[str]:
+    import bitsandbytes as bnb
+
+    return {
+        name.split(".")[1]
+        for name, module in model.named_modules()
+        if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    }
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_one_leaves_the_quantized_model_untouched(folders, family, mode):
+    import tokenzip
+
+    model = quantized(family, mode, folders[family, mode])
+    towers = {"llava": "vision_tower", "qwen2_5_vl": "visual", "llava_onevision": "vision_tower"}
+    assert {"language_model", towers[family]} <= _quantized_layers(model)
+    inputs = image_inputs(float_model(family), 2)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        for policy in ("hiprune", "visiondrop", "fastv"):
+            with tokenzip.apply(model, policy, 1.0):
+                assert torch.equal(model(**inputs).logits, before), policy
+        after = model(**inputs).logits
+    assert torch.equal(after, before)
+
+
+# Known, not yet explained (reported in the issue-7 note, visible here as strict xfails): on the 4-bit OneVision
+# model, `random` gives cached logits 6e-4 away from the cache-free recomputation (the unpatched 4-bit model: 6e-8),
+# and `holitom` averages 26.125 / 15.5 visual tokens per layer where the float model averages 26.5 / 15.875.
+OPEN = {("llava_onevision", "random", "4bit"), ("llava_onevision", "holitom", "4bit")}
+XFAIL = pytest.mark.xfail(strict=True, reason="open: see OPEN")
+GRID = [
+    pytest.param(f, c, m, marks=XFAIL) if (f, c, m) in OPEN else (f, c, m)
+    for f in FAMILIES
+    for c in _cases(f)
+    for m in MODES
+]
+
+
+@pytest.mark.parametrize(("family", "case", "mode"), GRID)
+def test_every_policy_on_a_quantized_model(folders, family, case, mode):
+    vlm = float_model(family)
+    model = quantized(family, mode, folders[family, mode])
+    inputs = image_inputs(vlm, 2)
+    with apply_case(vlm.model, case, KEEP) as patch, torch.no_grad():
+        vlm.model(**inputs)
+        float_counts = [s.visual_mean for s in patch.stats.last.samples]
+    with apply_case(model, case, KEEP) as patch:
+        tokens, logits = cached_greedy(model, inputs, 3)
+        counts = [s.visual_mean for s in patch.stats.last.samples]  # generate's prefill
+        with patch.replay():
+            reference = uncached_logits(model, inputs, tokens)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    assert torch.equal(greedy_tokens(model, reference), tokens)
+    assert counts == pytest.approx(float_counts)
