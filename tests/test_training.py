@@ -78,9 +78,12 @@ def test_training_batch_labels_exactly_the_answers(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_few_steps_train_save_and_reload(tmp_path, family):
-    cfg = TrainConfig(family=family, max_steps=3, batch_size=2, extra_turns=2, warmup=1, eval_samples=0, lr=1e-3)
+    cfg = TrainConfig(
+        family=family, max_steps=3, vision_max_steps=2, batch_size=2, extra_turns=2, warmup=1, eval_samples=0, lr=1e-3
+    )
     model, processor, report = train(cfg, out=tmp_path, verbose=False, test_samples=6)
     assert report["steps"] == 3 and len(report["losses"]) == 3
+    assert report["vision_steps"] == 2 and set(report["vision_phase"][-1]) >= {"shape", "glyph", "column"}
     assert all(torch.isfinite(torch.tensor(report["losses"])))
     saved = json.loads((tmp_path / "training.json").read_text())
     assert set(saved["test_accuracy"]) == {*CATEGORIES, "all"}

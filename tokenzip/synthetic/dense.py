@@ -2,8 +2,9 @@
 
 A from-scratch VLM learns slowly when the only signal is one answer word per question: the vision tower gets
 no direct supervision. During training (only), small linear heads read the projected visual tokens and predict,
-for every grid cell, the colour and shape of the object under the cell centre and the glyph printed there. The
-heads are discarded; the shipped model is the plain HF class.
+for every grid cell, the colour and shape of the object under the cell centre, the glyph printed there and the
+column band of the cell (so that left / right is readable from a token alone). The heads are discarded; the
+shipped model is the plain HF class.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .scenes import COLORS, GLYPHS, SHAPES, Scene
 COLOR_CLASSES = len(COLORS) + 1  # + background
 SHAPE_CLASSES = len(SHAPES) + 1
 GLYPH_CLASSES = len(GLYPHS) + 1
+COLUMN_BANDS = 6  # horizontal position of a cell, in equal bands of the full image width (classes 1..6)
 _COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}
 _SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
 
@@ -31,7 +33,8 @@ def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Te
 
 
 def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, float, float] = (0, 0, 1, 1)):
-    """[3, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, raster order.
+    """[4, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, and the cell's column
+    band (1..COLUMN_BANDS, every cell has one), raster order.
 
     `box` = (x0, y0, x1, y1) is the part of the image the grid covers (a tile of an anyres image).
     """
@@ -52,31 +55,48 @@ def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, flo
         glyph[hit] = GLYPHS.index(g.char) + 1
         color[hit] = 0
         shape[hit] = 0
-    return torch.stack([color, shape, glyph]).flatten(1)
+    band = (x * COLUMN_BANDS).long().clamp(0, COLUMN_BANDS - 1) + 1
+    return torch.stack([color, shape, glyph, band]).flatten(1)
 
 
 class DenseHeads(torch.nn.Module):
-    """Linear colour / shape / glyph classifiers over visual tokens [N, D] (training only)."""
+    """Linear colour / shape / glyph / column-band classifiers over visual tokens [N, D] (training only)."""
+
+    NAMES = ("color", "shape", "glyph", "column")
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.color = torch.nn.Linear(dim, COLOR_CLASSES)
         self.shape = torch.nn.Linear(dim, SHAPE_CLASSES)
         self.glyph = torch.nn.Linear(dim, GLYPH_CLASSES)
+        self.column = torch.nn.Linear(dim, COLUMN_BANDS + 1)
+
+    def heads(self) -> tuple[torch.nn.Linear, ...]:
+        return tuple(getattr(self, name) for name in self.NAMES)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """tokens [N, D], labels [3, N] -> mean of three cross-entropies, each balanced so that the few cells on
+        """tokens [N, D], labels [4, N] -> mean of the cross-entropies, each balanced so that the few cells on
         an object (or on the glyph) weigh as much as the background: averaged over all cells, the background
         dominates and the heads learn colour (trivial) but never shape or glyph identity."""
         total = tokens.new_zeros(())
-        for head, target in zip((self.color, self.shape, self.glyph), labels):
+        for head, target in zip(self.heads(), labels):
             logits = head(tokens)
             on = target > 0
             ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
             object_part = ce[on].mean() if on.any() else ce.new_zeros(())
             background_part = ce[~on].mean() if (~on).any() else ce.new_zeros(())
             total = total + object_part + background_part
-        return total / 3
+        return total / len(self.NAMES)
+
+    @torch.no_grad()
+    def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Share of the labelled cells (class > 0) each head gets right: tokens [N, D], labels [4, N]."""
+        out = {}
+        for name, head, target in zip(self.NAMES, self.heads(), labels):
+            on = target > 0
+            hits = head(tokens[on]).argmax(-1) == target[on]
+            out[name] = round(hits.float().mean().item(), 4) if on.any() else float("nan")
+        return out
 
 
 def asked_objects(scene: Scene, question) -> list:

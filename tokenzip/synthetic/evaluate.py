@@ -27,13 +27,23 @@ def messages_for(question: str) -> list[dict]:
 
 
 def evaluate(
-    model, processor, family: str, split: str = "val", n: int = 300, seed: int = 0, batch_size: int = 32
+    model,
+    processor,
+    family: str,
+    split: str = "val",
+    n: int = 300,
+    seed: int = 0,
+    batch_size: int = 32,
+    record: list[str] | None = None,
 ) -> dict[str, float]:
-    """Exact-match accuracy of the first `n` samples of `split`: overall and per category."""
+    """Exact-match accuracy of the first `n` samples of `split`: overall and per category. The answers, in sample
+    order, are appended to `record` when given."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, n, batch_size):
         batch = [sample(split, i, seed) for i in range(start, min(n, start + batch_size))]
         got = answers(model, processor, family, [s.image(RENDER_SIDE) for s in batch], [s.question.text for s in batch])
+        if record is not None:
+            record.extend(got)
         for s, a in zip(batch, got):
             hits[s.question.category].append(a == s.question.answer)
     report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}

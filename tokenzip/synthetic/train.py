@@ -1,18 +1,19 @@
 """Train a bundled tiny VLM from scratch on the synthetic QA data, on CPU.
 
-    python -m tokenzip.synthetic.train --family llava --minutes 40 --out tokenzip/assets/tiny-llava
+    python -m tokenzip.synthetic.train --family llava --minutes 40 --out tokenzip/assets/synth-llava
 
-Each step renders a fresh batch of training samples (`sample("train", i)` for a stream of indices, wrapping
-around the split), builds multi-turn conversations (the sample's own question first, then extra questions about
-the same scene, see `conversations`) and minimises the cross-entropy of the answer word and the end-of-turn token
-of every assistant turn. Evaluation is greedy generation on the validation split; the run writes the weights
-(safetensors), the processor files and `training.json` (settings, loss curve, per-category accuracy, time).
+Two phases share the time budget. First the vision side alone learns the per-cell scene labels (`vision_phase`);
+then the whole model learns to answer. Each step of the second phase renders a fresh batch of training samples
+(`sample("train", i)` for a stream of indices, wrapping around the split), builds multi-turn conversations (the
+sample's own question first, then extra questions about the same scene, see `conversations`) and minimises the
+cross-entropy of the answer word and the end-of-turn token of every assistant turn. Evaluation is greedy
+generation on the validation split; the run writes the weights (safetensors), the processor files and
+`training.json` (settings, loss curves, per-category accuracy, time).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -23,12 +24,14 @@ import torch
 
 from .architectures import FAMILIES, IMAGE_SIDE, RENDER_SIDE, build
 from .attention_teacher import AttentionTeacher
+from .budget import StepBudget, cosine_lr
 from .conversations import extra_questions, messages
 from .dataset import SPLITS, Sample, sample
 from .dense import DenseHeads
 from .evaluate import evaluate
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
+from .vision_phase import pretrain_vision
 
 ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
 
@@ -36,14 +39,17 @@ ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_one
 @dataclass
 class TrainConfig:
     family: str = "llava"
-    minutes: float = 40.0  # wall-clock budget for the optimisation steps
-    max_steps: int = 100_000
+    minutes: float = 40.0  # wall-clock budget for the optimisation steps of both phases
+    vision_share: float = 0.5  # share of the budget for the vision-only phase (see vision_phase.py); 0 = skip it
+    vision_max_steps: int = 100_000
+    vision_lr: float = 2e-3
+    max_steps: int = 100_000  # question-answering phase
     batch_size: int = 32
     extra_turns: int = 5  # extra questions per image after the sample's own
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.05
-    curriculum: float = 0.2  # share of the time budget trained on easy scenes (2-3 objects) first
+    curriculum: float = 0.15  # share of the QA phase trained on easy scenes (2-3 objects) first
     dense_weight: float = 1.0  # auxiliary per-cell colour / shape / glyph loss on the visual tokens (see dense.py)
     attention_weight: float = 1.0  # attention supervision of two heads (see attention_teacher.py); 0 = off
     noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
@@ -175,7 +181,7 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
 
 
 def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
-    """[3, N] cell labels matching `VisualTap.tokens` for square images rendered at RENDER_SIDE."""
+    """[4, N] cell labels matching `VisualTap.tokens` for square images rendered at RENDER_SIDE."""
     from .dense import cell_labels
 
     if family == "llava_onevision":
@@ -191,13 +197,6 @@ def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
         cfg = model.config.vision_config
         grid = cfg.image_size // cfg.patch_size
     return torch.cat([cell_labels(sc, grid, grid) for sc in scenes], dim=1)
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_samples: int = SPLITS["test"]):
@@ -225,17 +224,31 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     )
     start = time.perf_counter()
     budget = cfg.minutes * 60
-    # The schedule length is re-estimated from the recent step time so that the cosine ends with the budget.
-    total = cfg.max_steps
+    vision_log = []
+    if cfg.vision_share > 0:
+        vision_log = pretrain_vision(
+            model,
+            processor,
+            heads,
+            lambda: tap.tokens,
+            lambda scenes: dense_labels(model, cfg.family, scenes),
+            cfg.vision_share * budget,
+            max_steps=cfg.vision_max_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.vision_lr,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            verbose=verbose,
+        )
+    steps = StepBudget(budget - (time.perf_counter() - start), cfg.max_steps)
     step, seen, losses, dense_losses, attention_losses = 0, 0, [], [], []
-    mark = (0, 0.0)  # (step, elapsed) at the last re-estimate of the schedule length
-    while step < total:
+    while step < steps.total:
         indices = list(range(seen, seen + cfg.batch_size))
         seen += cfg.batch_size
-        easy = time.perf_counter() - start < cfg.curriculum * budget
+        easy = steps.elapsed < cfg.curriculum * steps.seconds
         batch = training_batch(processor, cfg.family, indices, cfg, easy=easy)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
+            group["lr"] = cosine_lr(step, steps.total, cfg.lr, cfg.warmup)
         loss = loss_on_answers(model, batch)
         cells = dense_labels(model, cfg.family, batch["scenes"])
         dense = heads.loss(tap.tokens, cells)
@@ -252,19 +265,16 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         losses.append(loss.item())
         dense_losses.append(dense.item())
         step += 1
+        steps.tick(step)
         elapsed = time.perf_counter() - start
-        if step % 20 == 0 and elapsed < 0.8 * budget:  # re-estimate from the recent speed (other load varies)
-            recent_step = (elapsed - mark[1]) / (step - mark[0]) if step > mark[0] else elapsed / step
-            total = min(cfg.max_steps, step + int((budget - elapsed) / recent_step))
-            mark = (step, elapsed)
         if verbose and step % 25 == 0:
             recent = sum(losses[-25:]) / len(losses[-25:])
             aux = sum(dense_losses[-25:]) / len(dense_losses[-25:])
-            rate = lr_at(step, total, cfg)
+            rate = cosine_lr(step, steps.total, cfg.lr, cfg.warmup)
             att = sum(attention_losses[-25:]) / max(1, len(attention_losses[-25:]))
-            print(f"step {step}/{total} loss {recent:.4f} dense {aux:.4f} attention {att:.3f} lr {rate:.2e}", end="")
-            print(f" {elapsed / 60:.1f} min")
-        if cfg.eval_samples and (step % cfg.eval_every == 0 or step == total):
+            print(f"step {step}/{steps.total} loss {recent:.4f} dense {aux:.4f} attention {att:.3f}", end="")
+            print(f" lr {rate:.2e} {elapsed / 60:.1f} min", flush=True)
+        if cfg.eval_samples and (step % cfg.eval_every == 0 or step == steps.total):
             model.eval()
             acc = evaluate(model, processor, cfg.family, "val", cfg.eval_samples, seed=cfg.seed)
             model.train()
@@ -280,9 +290,11 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         "losses": [round(x, 4) for x in losses],
         "dense_losses": [round(x, 4) for x in dense_losses],
         "attention_losses": [round(x, 4) for x in attention_losses],
+        "vision_phase": vision_log,
         "command": "python -m tokenzip.synthetic.train " + " ".join(sys.argv[1:]) if sys.argv else "",
         "config": asdict(cfg),
         "steps": step,
+        "vision_steps": vision_log[-1]["step"] if vision_log else 0,
         "train_minutes": round(minutes, 2),
         "samples_seen": seen,
         "torch_threads": torch.get_num_threads(),
@@ -295,18 +307,28 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
 
 
 def save(model, processor, out: Path, report: dict, test_samples: int = SPLITS["test"]) -> dict:
-    """Write float16 safetensors + processor files, reload them as float32 (what users load), measure the test
-    split per category and write `training.json`. Returns the report with `test_accuracy` added."""
-    from ..loading import load_vlm
-
+    """Write float16 safetensors + processor files, then `measure` the saved copy and write `training.json`.
+    Returns the report with the test results added."""
     out.mkdir(parents=True, exist_ok=True)
     copy = copy_module(model).to(torch.float16)
     copy.save_pretrained(out)
     processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    return measure(out, test_samples)
+
+
+def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
+    """Reload the saved model as float32 (what users load), answer the first `test_samples` questions of the test
+    split and store the accuracy per category and every answer in `out/training.json`; returns the report."""
+    from ..loading import load_vlm
+
+    report = json.loads((out / "training.json").read_text())
     family = report["config"]["family"]
     loaded, loaded_processor = load_vlm(out, dtype="float32")
     start = time.perf_counter()
-    report["test_accuracy"] = evaluate(loaded, loaded_processor, family, "test", test_samples)
+    got: list[str] = []
+    report["test_accuracy"] = evaluate(loaded, loaded_processor, family, "test", test_samples, record=got)
+    report["test_answers"] = got
     report["test_minutes"] = round((time.perf_counter() - start) / 60, 2)
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -325,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--family", choices=FAMILIES, default="llava")
     ap.add_argument("--minutes", type=float, default=TrainConfig.minutes)
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
+    ap.add_argument("--vision-share", type=float, default=TrainConfig.vision_share)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -336,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         family=a.family,
         minutes=a.minutes,
         max_steps=a.max_steps,
+        vision_share=a.vision_share,
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
