@@ -222,3 +222,30 @@ def test_bench_cli_errors(args, message):
     result = CliRunner().invoke(app, ["bench", *args])
     assert result.exit_code != 0
     assert message in result.output
+
+
+def test_accuracy_evaluator_with_other_prompts_leaves_the_oracle_intact():
+    """The evaluator runs its own (differently shaped) prefills under each patch; the oracle must still replay the
+    benchmark prompt's decisions, and every row gets the evaluator's accuracy."""
+    bm = load_model("tiny-llava")
+    vlm = get_tiny("llava", "sdpa")
+    other = image_inputs(vlm, 2)
+    seen = []
+
+    def evaluator(model) -> float:
+        with torch.no_grad():
+            model(**other)
+        seen.append(1)
+        return 0.25 * len(seen)
+
+    settings = BenchSettings(["hiprune", "pool"], [0.25], warmup=0, repeats=1, decode_tokens=1, count_flops=False)
+    result = run_bench(bm, Workload(), settings, evaluator=evaluator)
+    assert [r.error for r in result.rows] == [None, None, None]
+    assert [r.accuracy for r in result.rows] == [0.25, 0.5, 0.75]
+    assert all(r.oracle is not None and r.oracle.median > 0 for r in result.rows)
+
+
+def test_bench_accuracy_needs_a_trained_model():
+    result = CliRunner().invoke(app, ["bench", "--accuracy", "5", "--policies", "pool", "--keeps", "0.25"])
+    assert result.exit_code != 0
+    assert "--accuracy" in result.output and "synth-llava" in result.output

@@ -231,8 +231,12 @@ def bench_command(
         Path("bench-results"), help="folder for results.json, results.csv, results.md and the plots"
     ),
     seed: int = typer.Option(0, help="seed of random weights and synthetic inputs"),
+    accuracy: int = typer.Option(
+        0, help="also score the first N synthetic test questions under every row (bundled synth-* models)"
+    ),
 ) -> None:
-    """Measure policies side by side: tokens, FLOPs, TTFT per stage and vs. the oracle, decode speed, memory.
+    """Measure policies side by side: tokens, FLOPs, TTFT per stage and vs. the oracle, decode speed, memory
+    (and, with --accuracy N on a bundled trained model, accuracy on the synthetic test split).
 
     With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy at keep 0.111 / 0.222 /
     0.333 plus the unpruned reference, and writes results.json, results.csv, results.md, quality_vs_flops.png and
@@ -284,6 +288,18 @@ def bench_command(
         )
     except (TokenzipError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
+    evaluator = None
+    if accuracy:
+        if accuracy < 0 or bm.processor is None:
+            raise typer.BadParameter(
+                f"--accuracy takes a positive number of questions and a trained model with its processor "
+                f"(synth-llava, ... or a directory written by tokenzip.synthetic.train); got {accuracy} on {bm.name}"
+            )
+        from .synthetic.evaluate import evaluate
+
+        def evaluator(patched) -> float:
+            return evaluate(patched, bm.processor, bm.family, "test", accuracy)["all"]
+
     total = 1 + len([p for p in names if p != "none"]) * len(settings.keeps)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -293,7 +309,7 @@ def bench_command(
             progress.update(task, advance=1, description=f"{bm.name}: {row.policy} keep={row.keep}")
 
         try:
-            result = run_bench(bm, work, settings, on_row=on_row)
+            result = run_bench(bm, work, settings, evaluator=evaluator, on_row=on_row)
         except (TokenzipError, ValueError) as err:
             raise typer.BadParameter(str(err)) from err
     wide = console if console.is_terminal else Console(width=200)

@@ -6,7 +6,8 @@ Three sources:
   `tokenzip.testing.tiny` with their offline processors (the default; nothing is downloaded);
 * a built-in real config with random weights (``random_weights=True``, e.g. ``llava-onevision-qwen2-0.5b``),
   optionally with fewer LLM / vision layers: real shapes, so timings mean something without a download;
-* a Hugging Face hub id or local directory, loaded with `from_pretrained` (weights must be local or reachable).
+* a bundled trained model (``synth-llava``, ... see `tokenzip.assets`), a Hugging Face hub id or a local
+  directory, loaded with `from_pretrained` (weights must be local or reachable).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,6 +60,7 @@ class BenchModel:
     family: str
     make_inputs: Callable[[Workload], dict]
     description: str
+    processor: Any = None  # pretrained models: their processor (accuracy runs need it)
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +109,13 @@ def load_model(
                 f"--random-weights needs a built-in config; {name!r} is not one of: {', '.join(builtin_names())}"
             )
         return _random(name, dev, torch_dtype, attn, text_layers, vision_layers, seed)
+    from .. import assets
+
+    if name in assets.FAMILY_OF:
+        try:
+            name = str(assets.path(name))
+        except FileNotFoundError as err:
+            raise BenchSetupError(str(err)) from err
     if name in BUILTIN:
         raise BenchSetupError(
             f"{name!r} is a built-in config without weights: add --random-weights for a real-shaped random model, "
@@ -225,7 +235,8 @@ def _pretrained(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> 
         enc = processor(text=[text] * work.batch, padding=work.batch > 1, return_tensors="pt", **kwargs)
         return _to(dict(enc), dev, dtype)
 
-    return BenchModel(model, name, family, make_inputs, f"{name} ({config.model_type}, pretrained weights)")
+    description = f"{name} ({config.model_type}, pretrained weights)"
+    return BenchModel(model, name, family, make_inputs, description, processor)
 
 
 def _to(inputs: dict, dev: torch.device, dtype: torch.dtype) -> dict:

@@ -217,8 +217,6 @@ def _measure_row(
             overhead_flops = counted.overhead
         else:
             overhead_flops = 0
-        if evaluator is not None:
-            row.accuracy = float(evaluator(model))
         for _ in range(settings.repeats):
             with patch.replay():  # replays the decisions of the policy run just before
                 oracle.append(timed(lambda: generate(model, inputs, 1), device)[0])
@@ -229,6 +227,8 @@ def _measure_row(
             vision.append(parts[0])
             selection.append(parts[1])
             prefill.append(parts[2])
+        if evaluator is not None:  # last: its prefills must not become the record the oracle replays
+            row.accuracy = float(evaluator(model))
     samples = record.samples
     row.visual_tokens = sum(s.visual_in for s in samples) / len(samples)
     row.llm_input_tokens = sum(sum(it.kept + it.padded for it in s.items) for s in samples) / len(samples)
