@@ -90,11 +90,14 @@ def test_keep_one_leaves_the_quantized_model_untouched(folders, family, mode):
     assert torch.equal(after, before)
 
 
-# Known, not yet explained (reported in the issue-7 note, visible here as strict xfails): on the 4-bit OneVision
-# model, `random` gives cached logits 6e-4 away from the cache-free recomputation (the unpatched 4-bit model: 6e-8),
-# and `holitom` averages 26.125 / 15.5 visual tokens per layer where the float model averages 26.5 / 15.875.
-OPEN = {("llava_onevision", "random", "4bit"), ("llava_onevision", "holitom", "4bit")}
+# Known, not yet explained (reported in the issue-7 note, visible here as a strict xfail): on the 4-bit OneVision
+# model, `random` gives cached logits 6e-4 away from the cache-free recomputation (the unpatched 4-bit model: 6e-8).
+OPEN = {("llava_onevision", "random", "4bit")}
 XFAIL = pytest.mark.xfail(strict=True, reason="open: see OPEN")
+# HoliTom's inner merge on OneVision ranks the whole image span, newline tokens included, and keeps a fixed number of
+# them: how many of the kept ones are grid cells (what `visual_mean` counts) depends on the scores. What its budget
+# fixes is the number of image-span tokens per layer, compared for these cases instead.
+SPAN_BUDGETED = {("llava_onevision", "holitom")}
 GRID = [
     pytest.param(f, c, m, marks=XFAIL) if (f, c, m) in OPEN else (f, c, m)
     for f in FAMILIES
@@ -103,19 +106,31 @@ GRID = [
 ]
 
 
+def _span_counts(record) -> list[list[int]]:
+    """Per sample and decoder layer: the image-span tokens (grid cells and structural tokens) the layer processed."""
+    out = []
+    for sample in record.samples:
+        text = sample.sequence_per_layer[0] - sum(int(it.kept_indices.numel()) + it.padded for it in sample.items)
+        out.append([n - text for n in sample.sequence_per_layer])
+    return out
+
+
 @pytest.mark.parametrize(("family", "case", "mode"), GRID)
 def test_every_policy_on_a_quantized_model(folders, family, case, mode):
     vlm = float_model(family)
     model = quantized(family, mode, folders[family, mode])
     inputs = image_inputs(vlm, 2)
+    count = (
+        _span_counts if (family, case) in SPAN_BUDGETED else (lambda record: [s.visual_mean for s in record.samples])
+    )
     with apply_case(vlm.model, case, KEEP) as patch, torch.no_grad():
         vlm.model(**inputs)
-        float_counts = [s.visual_mean for s in patch.stats.last.samples]
+        float_counts = count(patch.stats.last)
     with apply_case(model, case, KEEP) as patch:
         tokens, logits = cached_greedy(model, inputs, 3)
-        counts = [s.visual_mean for s in patch.stats.last.samples]  # generate's prefill
+        counts = count(patch.stats.last)  # generate's prefill
         with patch.replay():
             reference = uncached_logits(model, inputs, tokens)
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     assert torch.equal(greedy_tokens(model, reference), tokens)
-    assert counts == pytest.approx(float_counts)
+    assert counts == float_counts if (family, case) in SPAN_BUDGETED else counts == pytest.approx(float_counts)

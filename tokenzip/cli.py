@@ -330,9 +330,11 @@ def show_command(
     keep: str = typer.Option("0.111", help="keep (fraction or int tokens per image)"),
     option: list[str] = typer.Option([], "--option", help="policy option key=value (repeatable)"),
     dim: float = typer.Option(0.75, help="darkening of dropped cells (0..1)"),
+    stages: bool = typer.Option(False, "--stages", help="one row per stage that changed the tokens"),
     out: Path = typer.Option(Path("kept.png"), "--out", "-o", help="output PNG"),
 ) -> None:
-    """Draw the visual tokens a policy keeps on the image as the model sees it (dropped cells darkened)."""
+    """Draw the visual tokens a policy keeps on the image as the model sees it: dropped cells darkened, kept cells
+    outlined, merged groups tinted one colour each (anyres: base image, then the high-resolution tiles)."""
     from PIL import Image
 
     from .errors import TokenzipError
@@ -349,7 +351,15 @@ def show_command(
 
             loaded, processor = load_vlm(model)
         picture = show(
-            loaded, processor, Image.open(image), question, policy, parse_keep(keep), dim=dim, **parse_options(option)
+            loaded,
+            processor,
+            Image.open(image),
+            question,
+            policy,
+            parse_keep(keep),
+            dim=dim,
+            stages=stages,
+            **parse_options(option),
         )
     except (FileNotFoundError, TokenzipError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err

@@ -32,6 +32,9 @@ class Selection:
              tokens of the run are always kept after the window (reproduces a released off-by-one window).
     annotations: pre_llm only, optional float [n] per kept token, available to later stages as
              `layout.annotation` (NaN for tokens without one).
+    groups:  optional LongTensor [2, m] of merges, in the same index space as `keep`: column j says candidate
+             groups[0, j] was merged into the kept candidate groups[1, j] (for statistics and `tokenzip.viz`;
+             the merged value itself is in `values`).
     """
 
     keep: torch.Tensor
@@ -40,6 +43,7 @@ class Selection:
     padding: int = 0
     offset: int = 0
     annotations: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

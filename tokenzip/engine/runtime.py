@@ -85,8 +85,12 @@ def _cache_output(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _kept_record(sel: Selection, item) -> tuple[torch.Tensor, int]:
-    """(item-local indices of the real tokens a pre-LLM selection keeps, in sequence order; zero rows added).
+def _kept_record(
+    sel: Selection, item, available: torch.Tensor | None = None, vision_groups: torch.Tensor | None = None
+) -> tuple:
+    """(item-local indices of the real tokens a pre-LLM selection keeps, in sequence order; zero rows added;
+    merges [2, m] item-local of the vision stage and this selection, or None; the tokens a vision stage left, or
+    None).
 
     With a window offset the index -1 is the token before the run; the run's uncovered tail is always kept.
     """
@@ -95,7 +99,30 @@ def _kept_record(sel: Selection, item) -> tuple[torch.Tensor, int]:
         keep = torch.sort(keep).values
     real = keep[: keep.numel() - sel.padding] + sel.offset
     tail = torch.arange(item.length + sel.offset, item.length)
-    return torch.cat([real, tail]), sel.padding
+    merges = [
+        g
+        for g in (vision_groups, None if sel.groups is None else sel.groups.cpu().long() + sel.offset)
+        if g is not None
+    ]
+    groups = torch.cat(merges, dim=1) if merges else None
+    return torch.cat([real, tail]), sel.padding, groups, available
+
+
+def _item_groups(groups: torch.Tensor | None, dropped: int) -> torch.Tensor | None:
+    """A projector-input selection's merges [2, m] (tower indices) as item-local indices: minus the `dropped`
+    leading tower tokens (CLS); merges involving a dropped token are left out."""
+    if groups is None:
+        return None
+    shifted = groups.cpu().long() - dropped
+    return shifted[:, (shifted >= 0).all(0)]
+
+
+def _changed_layouts(layouts: list, counts: list[int]) -> list[tuple[str, Layout]]:
+    """('LLM input', layer-0 layout), then ('layer k', layout) for every layer whose visual count (one sample's
+    `counts`, per layer) is below the previous layer's: the stages at which that sample's visual tokens changed."""
+    out = [("LLM input", layouts[0])]
+    out += [(f"layer {k}", layouts[k]) for k in range(1, len(layouts)) if counts[k] < counts[k - 1]]
+    return out
 
 
 def _pixel_key(pixels: torch.Tensor) -> int:
@@ -254,17 +281,26 @@ class Runtime:
             full, available = expand_features(list(out.pooler_output), stage.slots, stage.valid, shapes, dropped)
             out.pooler_output = type(out.pooler_output)(full) if isinstance(out.pooler_output, tuple) else full
             call.available = available
+            call.vision_groups = [self._vision_groups(capture, shape, dropped) for shape in shapes]
         if capture.projected is not None:
             call.overrides = [
                 Selection(
                     (capture.projected_reps[shape.vision_rows[0]] - dropped).clamp_min(0),
                     capture.projected[shape.vision_rows[0]],
                     ordered=True,
+                    groups=_item_groups(capture.projector_rows[shape.vision_rows[0]].groups, dropped),
                 )
                 for shape in shapes
             ]
         call.workload = self._workload(capture, arguments, shapes, dropped)
         self.pending[capture.modality].append(call)
+
+    def _vision_groups(self, capture: CallCapture, shape, dropped: int) -> torch.Tensor | None:
+        """The merges [2, m] a vision-stage selection recorded for a single-row item, as item-local indices."""
+        start, end = shape.vision_rows
+        if end - start != 1 or not capture.kept_rows or capture.kept_rows[start].groups is None:
+            return None
+        return _item_groups(capture.kept_rows[start].groups + int(self.info.vision_has_cls), dropped)
 
     def _workload(self, capture: CallCapture, arguments, shapes, dropped: int) -> dict:
         """What the vision side computed in one feature call (for FLOP accounting)."""
@@ -598,11 +634,12 @@ class Runtime:
             for j, it in enumerate(items)
         }
         available = self._available(flat)
+        vision_groups = self._vision_merges(flat)
         overrides = self._overrides(flat)
         pruned_in_tower = any(a is not None for a in available.values()) or bool(overrides)
         if not (self.plan.pre_llm or pruned_in_tower):
             st.layout0 = orig
-            st.item_kept = [[(torch.arange(it.length), 0) for it in items] for items in st.items.per_sample]
+            st.item_kept = [[(torch.arange(it.length), 0, None, None) for it in items] for items in st.items.per_sample]
             self._start_layers(st)
             return None
 
@@ -612,8 +649,10 @@ class Runtime:
         replay = self.replaying.pre_llm if self.replaying is not None else None
         for b, items in enumerate(st.items.per_sample):
             selections = []
+            vision_left = []
             for j, it in enumerate(items):
                 avail = available.get((it.modality, it.index_in_modality))
+                vision_left.append((avail, vision_groups.get((it.modality, it.index_in_modality))))
                 avail = torch.arange(it.length) if avail is None else avail
                 if replay is not None:
                     sel = replay[b][j]
@@ -639,7 +678,9 @@ class Runtime:
             keep_lists.append(kept)
             writes.append(over)
             annotations.append(annotation)
-            item_kept.append([_kept_record(sel, it) for sel, it in zip(selections, items, strict=True)])
+            item_kept.append(
+                [_kept_record(sel, it, *v) for sel, it, v in zip(selections, items, vision_left, strict=True)]
+            )
         layout0, index = take(orig, keep_lists)
         layout0.lm_src = torch.arange(layout0.length, device=device).expand(batch, -1)  # it *is* the LLM input
         if self.positions == "compact":
@@ -685,6 +726,14 @@ class Runtime:
     def _available(flat) -> dict[tuple[str, int], torch.Tensor | None]:
         return {
             (m, k): (None if call.available is None else call.available[j])
+            for m, entries in flat.items()
+            for k, (call, j) in enumerate(entries)
+        }
+
+    @staticmethod
+    def _vision_merges(flat) -> dict[tuple[str, int], torch.Tensor | None]:
+        return {
+            (m, k): (None if call.vision_groups is None else call.vision_groups[j])
             for m, entries in flat.items()
             for k, (call, j) in enumerate(entries)
         }
@@ -1066,10 +1115,20 @@ class Runtime:
         for b, items in enumerate(st.items.per_sample):
             records = []
             for j, it in enumerate(items):
-                kept_idx, padded = st.item_kept[b][j] if st.item_kept else (torch.arange(it.length), 0)
+                blank = (torch.arange(it.length), 0, None, None)
+                kept_idx, padded, groups, vision_left = st.item_kept[b][j] if st.item_kept else blank
                 content = it.shape.content_mask()
                 n_content = int(content[kept_idx[kept_idx >= 0]].sum())
-                records.append(ItemRecord(it.modality, it.length, it.shape.n_content, n_content, kept_idx, padded))
+                record = ItemRecord(it.modality, it.length, it.shape.n_content, n_content, kept_idx, padded)
+                record.shape, record.groups = it.shape, groups
+                if vision_left is not None:
+                    record.stages.append(("vision", vision_left[content[vision_left]]))
+                records.append(record)
+            for name, lay in _changed_layouts(layouts, vis[b]):
+                for j, it in enumerate(items):
+                    mask = lay.valid[b] & lay.visual[b] & (lay.item[b] == j)
+                    local = (lay.orig[b][mask] - it.start).cpu()
+                    records[j].stages.append((name, local[local >= 0]))
             samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
         record = ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds), list(dict.fromkeys(st.notes)))
         record.width_per_layer = [lay.length for lay in layouts]

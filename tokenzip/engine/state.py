@@ -25,6 +25,7 @@ class VisionCall:
     shapes: list[ItemShape]
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     available: list[torch.Tensor] | None = None
+    vision_groups: list[torch.Tensor | None] | None = None  # per item: merges [2, m] of a vision stage, item-local
     seconds: float = 0.0  # policy work inside the call (signals, vision / projector-input stages)
     call_seconds: float = 0.0  # the whole call
     kept_rows: list[torch.Tensor] | None = None
@@ -84,7 +85,7 @@ class ForwardState:
     tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
     lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
     seconds: dict[str, float] = field(default_factory=dict)
-    item_kept: list[list[tuple[torch.Tensor, int]]] = field(default_factory=list)
+    item_kept: list[list[tuple]] = field(default_factory=list)  # per item: `runtime._kept_record`
     notes: list[str] = field(default_factory=list)
     calls: list[VisionCall] = field(default_factory=list)
     step_cache: dict = field(default_factory=dict)
@@ -100,6 +101,11 @@ class ItemRecord:
     kept: int  # real content tokens entering the LLM
     kept_indices: torch.Tensor  # item-local indices of the real tokens entering the LLM, in sequence order
     padded: int = 0  # zero rows a policy appended in place of missing tokens (they enter the LLM too)
+    shape: ItemShape | None = None  # the item's token layout (grid parts, newlines)
+    groups: torch.Tensor | None = None  # [2, m] item-local (merged token, kept token it joined) before the LLM
+    stages: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (stage name, item-local indices of
+    # the visual content tokens present after it), one entry per stage that changed the set: 'vision' (tower-side
+    # pruning), 'LLM input', then 'layer k' for each decoder layer whose input holds fewer of the item's tokens
 
 
 @dataclass

@@ -295,14 +295,17 @@ class MustDropPolicy(Policy):
         out = []
         for r in range(patches.shape[0]):
             sims = window_similarity(patches[r], windows)
-            reps, values, _ = spatial_merge(patches[r], windows, sims, self.options["merge_thr"])
-            out.append(Selection(reps, values, ordered=True))
+            reps, values, merged = spatial_merge(patches[r], windows, sims, self.options["merge_thr"])
+            members = windows[topk_stable(sims, merged).cpu()]  # [merged, k^2]: the windows, first cell = rep
+            rest = members.shape[1] - 1
+            groups = torch.stack([members[:, 1:].flatten(), members[:, :1].expand(-1, rest).flatten()])
+            out.append(Selection(reps, values, ordered=True, groups=groups))
         return out
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         dev = ctx.embeds.device
         scores = ctx.signals[self._key_signal.key]
-        keep, values, notes = [], [], []
+        keep, values, notes, groups = [], [], [], []
         for unit in grid_units(ctx.item.shape):
             cells = unit.cells.to(dev)
             tokens = ctx.embeds[cells]
@@ -310,15 +313,24 @@ class MustDropPolicy(Policy):
             sims = window_similarity(tokens, windows)
             reps, vals, r = spatial_merge(tokens, windows, sims, self.options["merge_thr"], representative="center")
             unit_scores = scores[cells].float()
-            merged_scores = unit_scores[windows.to(dev)[topk_stable(sims, r).to(dev)]].mean(1)
+            members = windows.to(dev)[topk_stable(sims, r).to(dev)]  # [r, k^2] the merged windows
+            merged_scores = unit_scores[members].mean(1)
             notes.append(torch.cat([merged_scores, unit_scores[reps[r:]]]))
             keep.append(cells[reps])
             values.append(vals)
+            joined = cells[members.flatten()]
+            groups.append(torch.stack([joined, cells[reps[:r]].repeat_interleave(members.shape[1])]))
         shape = ctx.item.shape
         tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # a video's newline
         annotations = torch.cat([*notes, torch.full((tail.numel(),), float("nan"), device=dev)])
+        merges = torch.cat(groups, dim=1) if groups else torch.zeros(2, 0, dtype=torch.long, device=dev)
+        merges = merges[:, merges[0] != merges[1]]  # a window's representative is one of its members
         return Selection(
-            torch.cat([*keep, tail]), torch.cat([*values, ctx.embeds[tail]]), ordered=True, annotations=annotations
+            torch.cat([*keep, tail]),
+            torch.cat([*values, ctx.embeds[tail]]),
+            ordered=True,
+            annotations=annotations,
+            groups=merges,
         )
 
     # ------------------------------------------------------------------------------------------ stage 2

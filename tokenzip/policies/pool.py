@@ -57,6 +57,7 @@ class PoolPolicy(Policy):
         shares = split_budget(ctx.budget, [p.rows * p.cols for p, _ in units])
         keep_idx: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
+        groups: list[torch.Tensor] = [torch.zeros(2, 0, dtype=torch.long)]
         if shape.leading:
             keep_idx.append(torch.arange(shape.leading))
             values.append(ctx.embeds[: shape.leading])
@@ -70,6 +71,10 @@ class PoolPolicy(Policy):
             pooled = pool_grid(ctx.embeds[cells.to(ctx.embeds.device)], part.rows, part.cols, out_r, out_c)
             windows = pool_windows(part.rows, part.cols, out_r, out_c)
             reps = torch.tensor([base + r0 * width + c0 for r0, _, c0, _ in windows])
+            grid = base + torch.arange(part.rows)[:, None] * width + torch.arange(part.cols)[None]
+            members = [grid[r0:r1, c0:c1].flatten() for r0, r1, c0, c1 in windows]
+            joined = torch.cat(members)
+            groups.append(torch.stack([joined, reps.repeat_interleave(torch.tensor([m.numel() for m in members]))]))
             for row in range(out_r):
                 keep_idx.append(reps[row * out_c : (row + 1) * out_c])
                 values.append(pooled[row * out_c : (row + 1) * out_c])
@@ -82,4 +87,6 @@ class PoolPolicy(Policy):
             tail = torch.arange(shape.length - shape.trailing, shape.length)
             keep_idx.append(tail)
             values.append(ctx.embeds[tail.to(ctx.embeds.device)])
-        return Selection(torch.cat(keep_idx), torch.cat(values), ordered=True)
+        merges = torch.cat(groups, dim=1)
+        merges = merges[:, merges[0] != merges[1]]  # a window's representative is its first cell
+        return Selection(torch.cat(keep_idx), torch.cat(values), ordered=True, groups=merges)

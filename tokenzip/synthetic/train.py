@@ -31,7 +31,7 @@ from .dense import DenseHeads
 from .evaluate import evaluate
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
-from .vision_phase import pretrain_vision
+from .vision_phase import pretrain_vision, tower_parameters
 
 ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
 
@@ -45,7 +45,10 @@ class TrainConfig:
     vision_lr: float = 2e-3
     max_steps: int = 100_000  # question-answering phase
     batch_size: int = 32
-    extra_turns: int = 5  # extra questions per image after the sample's own
+    extra_turns: int = 10  # extra questions per image after the sample's own (at most)
+    question_rounds: int = 2  # draws of `extra_questions` per image (each asks up to one question per category)
+    freeze_tower: bool = True  # after the vision phase, train the projector and LLM only (the tower's backward
+    # pass is most of a question-answering step, and its features are already decodable)
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.05
@@ -78,15 +81,26 @@ def easy_sample(index: int, seed: int = 0) -> Sample:
     return Sample("train", index, scene, question)
 
 
+def turns(s: Sample, index: int, cfg: TrainConfig) -> list:
+    """The extra questions asked about sample `s` after its own: `cfg.question_rounds` draws of `extra_questions`
+    (the first skips the sample's own category), without repeating a question, at most `cfg.extra_turns`."""
+    rng = random.Random(f"turns/{cfg.seed}/{index}")
+    seen, out = {s.question.text}, []
+    for round_ in range(cfg.question_rounds):
+        for q in extra_questions(rng, s.scene):
+            if q.text not in seen and not (round_ == 0 and q.category == s.question.category):
+                seen.add(q.text)
+                out.append(q)
+    return out[: cfg.extra_turns]
+
+
 def training_batch(processor, family: str, indices: list[int], cfg: TrainConfig, easy: bool = False) -> dict:
     """Processor inputs for the conversations of train samples `indices`, plus `labels` (-100 = ignored) and the
     `scenes` (for the dense auxiliary targets)."""
     texts, images, scenes, asked = [], [], [], []
     for i in indices:
         s = easy_sample(i, cfg.seed) if easy else sample("train", i % SPLITS["train"], cfg.seed)
-        rng = random.Random(f"turns/{cfg.seed}/{i}")
-        extra = [q for q in extra_questions(rng, s.scene) if q.category != s.question.category]
-        questions = [s.question, *extra[: cfg.extra_turns]]
+        questions = [s.question, *turns(s, i, cfg)]
         texts.append(processor.apply_chat_template(messages(questions), add_generation_prompt=False))
         images.append(s.image(RENDER_SIDE))
         scenes.append(s.scene)
@@ -136,46 +150,79 @@ def attribute_word_ids(tokenizer) -> set[int]:
     return set(tokenizer.convert_tokens_to_ids(words))
 
 
+def named_objects(scene, question) -> list[list]:
+    """What each naming phrase of a question refers to, in question order: one list of objects (or the glyph) per
+    phrase. A position question names two objects; every other category names one set (possibly empty)."""
+    from .dense import asked_objects
+
+    if question.category != "position":
+        return [asked_objects(scene, question)]
+    words = question.text.split()
+    first, second = (words[2], words[3]), (words[-3], words[-2])  # "Is the c1 s1 left or right of the c2 s2 ?"
+    return [[o for o in scene.objects if (o.color, o.shape) == pair] for pair in (first, second)]
+
+
+def visual_grids(model, family: str, row_ids: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+    """The grids of one sample's image as they sit in its LLM input: (sequence positions [rows * cols] in raster
+    order, rows, cols) per grid. LLaVA: one patch grid; Qwen2.5-VL: one merged grid; OneVision: the base grid,
+    then the packed high-resolution grid (2x2 tiles of a square image, a newline token after every row).
+    Training images are square and rendered at RENDER_SIDE, so the layout is fixed per family."""
+    positions = (row_ids == model.config.image_token_id).nonzero().flatten()
+    cfg = model.config.vision_config
+    if family == "qwen2_5_vl":
+        side = IMAGE_SIDE[family] // (cfg.patch_size * cfg.spatial_merge_size)
+    else:
+        side = cfg.image_size // cfg.patch_size
+    hi = 2 * side  # OneVision's packed grid
+    expected = side * side + (hi * (hi + 1) if family == "llava_onevision" else 0)
+    if positions.numel() != expected:
+        raise ValueError(f"{family}: {positions.numel()} image tokens in a training sample, expected {expected}")
+    if family != "llava_onevision":
+        return [(positions, side, side)]
+    packed = positions[side * side :].view(hi, hi + 1)[:, :hi].flatten()  # without the newline column
+    return [(positions[: side * side], side, side), (packed, hi, hi)]
+
+
 def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids: set[int]):
     """Targets of the two supervised hops, per assistant turn whose question names something visible:
 
-    * noun -> object: the question's last naming word (the shape in "What color is the square ?", "box" for the
-      glyph) should attend to the visual tokens covering the object(s) it names;
-    * answer -> noun: the token that predicts the answer should attend to that word.
+    * noun -> object: the last naming word of each phrase (the shape in "What color is the square ?", "box" for
+      the glyph, both shapes of a position question) should attend to the visual tokens covering the object(s)
+      that phrase names (in every grid of the image);
+    * answer -> nouns: the token that predicts the answer should attend to those words.
 
-    Returns ((noun queries [M, 2], object keys [M, S]), (answer queries [M, 2], noun keys [M, S])); queries are
-    (sample, position) rows. LLaVA: one image per sample, visual tokens in raster order of the patch grid.
+    Returns ((noun queries [M, 2], object keys [M, S]), (answer queries [T, 2], noun keys [T, S])); queries are
+    (sample, position) rows.
     """
-    from .dense import asked_objects, object_cells
+    from .dense import object_cells
 
-    if family != "llava":
-        raise NotImplementedError(f"attention supervision is implemented for llava only, not {family!r}")
     ids = batch["input_ids"]
     width = ids.shape[1]
-    image_id = model.config.image_token_id
-    cfg = model.config.vision_config
-    grid = cfg.image_size // cfg.patch_size
     nouns, objects, answers, words = [], [], [], []
     for b, (scene, questions) in enumerate(zip(batch["scenes"], batch["questions"])):
         row_ids = ids[b].tolist()
         markers = [p for p, t in enumerate(row_ids) if t == marker_id]
-        image_positions = (ids[b] == image_id).nonzero().flatten()
+        grids = visual_grids(model, family, ids[b])
+        previous = 0
         for pos, question in zip(markers, questions):
-            things = asked_objects(scene, question)
-            if question.category == "position":  # the last naming word is the second object's shape
-                things = things[-1:] if len(things) == 2 else things
-            cells = object_cells(things, grid, grid)
-            noun = next((p for p in range(pos - 1, -1, -1) if row_ids[p] in noun_ids), None)
-            if noun is None or not things or not cells.any():
-                continue
-            keys = torch.zeros(width, dtype=torch.bool)
-            keys[image_positions[cells]] = True
-            nouns.append((b, noun))
-            objects.append(keys)
+            naming = [p for p in range(previous, pos) if row_ids[p] in noun_ids]
+            previous = pos
+            phrases = named_objects(scene, question)
+            # the last naming word of each phrase: a phrase is "colour shape" or one word
+            ends = naming[-1:] if len(phrases) == 1 else [naming[1], naming[3]] if len(naming) == 4 else []
             word = torch.zeros(width, dtype=torch.bool)
-            word[noun] = True
-            answers.append((b, pos))
-            words.append(word)
+            for noun, things in zip(ends, phrases):
+                if not things:
+                    continue
+                keys = torch.zeros(width, dtype=torch.bool)
+                for positions, rows, cols in grids:
+                    keys[positions[object_cells(things, rows, cols)]] = True
+                nouns.append((b, noun))
+                objects.append(keys)
+                word[noun] = True
+            if word.any():
+                answers.append((b, pos))
+                words.append(word)
     rows = lambda q: torch.tensor(q, dtype=torch.long).reshape(-1, 2)  # noqa: E731
     return (rows(nouns), torch.stack(objects)), (rows(answers), torch.stack(words))
 
@@ -210,7 +257,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     model.train()
     heads = DenseHeads(model.config.get_text_config().hidden_size)
     tap = VisualTap(model, cfg.family)
-    supervise = bool(cfg.attention_weight) and cfg.family == "llava"  # targets implemented for LLaVA's grid only
+    supervise = bool(cfg.attention_weight)
     teachers = (AttentionTeacher(model, cfg.noun_layer), AttentionTeacher(model, cfg.answer_layer)) if supervise else ()
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
@@ -240,6 +287,9 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             seed=cfg.seed,
             verbose=verbose,
         )
+        if cfg.freeze_tower:
+            for p in tower_parameters(model):
+                p.requires_grad_(False)  # AdamW skips parameters without gradients
     steps = StepBudget(budget - (time.perf_counter() - start), cfg.max_steps)
     step, seen, losses, dense_losses, attention_losses = 0, 0, [], [], []
     while step < steps.total:
@@ -260,7 +310,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             attention_losses.append(attention.item())
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params if p.requires_grad], 1.0)
         opt.step()
         losses.append(loss.item())
         dense_losses.append(dense.item())

@@ -25,6 +25,14 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.model.named_parameters() if not name.startswith("language_model.")]
 
 
+def tower_parameters(model) -> list[torch.nn.Parameter]:
+    """The vision encoder alone: the tower of LLaVA / OneVision, Qwen2.5-VL's `visual` without its merger."""
+    inner = model.model
+    if hasattr(inner, "vision_tower"):
+        return list(inner.vision_tower.parameters())
+    return [p for name, p in inner.visual.named_parameters() if not name.startswith("merger.")]
+
+
 def image_batch(processor, indices: list[int], seed: int) -> tuple[dict, list]:
     """Image-processor inputs and scenes of train samples `indices` (wrapping around the split)."""
     picked = [sample("train", i % SPLITS["train"], seed) for i in indices]
@@ -81,4 +89,4 @@ def pretrain_vision(
     return log
 
 
-__all__ = ["image_batch", "pretrain_vision", "vision_parameters"]
+__all__ = ["image_batch", "pretrain_vision", "tower_parameters", "vision_parameters"]
