@@ -113,3 +113,71 @@ def test_missing_bundled_model_says_how_to_train_it():
                 assets.path(name)
         else:
             assert (assets.path(name) / "config.json").is_file()
+
+
+@pytest.mark.parametrize(("family", "trainable"), [("llava", {"encoder.layers.3."}), ("qwen2_5_vl", {"blocks.3."})])
+def test_the_qa_phase_freezes_the_tower_but_its_last_feeding_layer(family, trainable):
+    """LLaVA takes features from layer -2 of 5: layer 3 (0-based) is the last one feeding them; layer 4 is unused."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.vision_phase import tower_parameters
+
+    model, _ = build(family)
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    frozen = {id(p) for p in tower_parameters(model, 1)}
+    names = {n for n, p in tower.named_parameters() if id(p) not in frozen}
+    prefixes = {
+        ".".join(n.split(".")[:3]) + "." if n.startswith("encoder") else ".".join(n.split(".")[:2]) + "." for n in names
+    }
+    expected = trainable | ({"merger.ln_q.", "merger.mlp."} if family == "qwen2_5_vl" else set())
+    assert prefixes == expected
+    assert len(tower_parameters(model, 0)) == len(frozen) + len([n for n in names if not n.startswith("merger.")])
+
+
+@pytest.mark.parametrize("index", range(0, 60, 7))
+def test_centre_labels_mark_one_cell_per_object(index):
+    from tokenzip.synthetic.dense import _SHAPE_INDEX, cell_labels, centre_cells
+
+    scene = sample("train", index).scene
+    labels = cell_labels(scene, 12, 12)
+    assert labels.shape == (5, 144)
+    centre = labels[4]
+    assert int((centre > 0).sum()) == len(scene.objects)  # objects never share a centre cell (they do not overlap)
+    assert torch.equal(centre > 0, centre_cells(list(scene.objects), 12, 12))
+    for obj in scene.objects:
+        cell = int(obj.y * 12) * 12 + int(obj.x * 12)
+        assert centre[cell] == _SHAPE_INDEX[obj.shape]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_targets_point_at_the_named_objects(family):
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.train import attention_targets, attribute_word_ids, named_objects, visual_grids
+
+    model, processor = build(family)
+    cfg = TrainConfig(family=family)
+    batch = training_batch(processor, family, list(range(6)), cfg)
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    (nq, nk), (aq, ak), (pq, pk) = attention_targets(
+        model, family, batch, marker, attribute_word_ids(processor.tokenizer)
+    )
+    ids = batch["input_ids"]
+    image = ids == model.config.image_token_id
+    assert not (nk & ~image[nq[:, 0]]).any()  # nouns look at visual tokens only
+    grids = [visual_grids(model, family, ids[b]) for b in range(ids.shape[0])]
+    per_grid = sum(rows * cols for _, rows, cols in grids[0])
+    assert sum(positions.numel() for positions, _, _ in grids[0]) == per_grid <= int(image[0].sum())
+    turns = [(b, q) for b, qs in enumerate(batch["questions"]) for q in qs]
+    visible = [(b, q) for b, q in turns if any(named_objects(batch["scenes"][b], q))]
+    positional = [(b, q) for b, q in visible if q.category == "position"]
+    assert len(aq) == len(visible) and len(pq) == len(positional) > 0
+    assert (ak.sum(1) == 1).all() and (pk.sum(1) == 1).all()  # one word each
+    assert (
+        pk.float().argmax(1) > ak[[i for i, (_, q) in enumerate(visible) if q.category == "position"]].float().argmax(1)
+    ).all()
+    rows = [(b, q, things) for b, q in visible for things in named_objects(batch["scenes"][b], q) if things]
+    assert len(rows) == len(nq)
+    for keys, (b, q, things) in zip(nk, rows):
+        if q.category == "count":  # one centre cell per counted object, per grid
+            assert 1 <= int(keys.sum()) <= len(things) * len(grids[b])
+        else:
+            assert int(keys.sum()) >= len(grids[b])

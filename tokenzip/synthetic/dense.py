@@ -9,6 +9,8 @@ shipped model is the plain HF class.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .scenes import COLORS, GLYPHS, SHAPES, Scene
@@ -33,8 +35,9 @@ def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Te
 
 
 def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, float, float] = (0, 0, 1, 1)):
-    """[4, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, and the cell's column
-    band (1..COLUMN_BANDS, every cell has one), raster order.
+    """[5, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, the cell's column
+    band (1..COLUMN_BANDS, every cell has one) and, on the one cell holding an object's centre, that object's shape
+    class (0 elsewhere), raster order.
 
     `box` = (x0, y0, x1, y1) is the part of the image the grid covers (a tile of an anyres image).
     """
@@ -56,13 +59,19 @@ def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, flo
         color[hit] = 0
         shape[hit] = 0
     band = (x * COLUMN_BANDS).long().clamp(0, COLUMN_BANDS - 1) + 1
-    return torch.stack([color, shape, glyph, band]).flatten(1)
+    centre = torch.zeros(rows, cols, dtype=torch.long)
+    for obj in scene.objects:  # the one cell holding each object's centre (what counting can attend to)
+        r, c = math.floor((obj.y - y0) / (y1 - y0) * rows), math.floor((obj.x - x0) / (x1 - x0) * cols)
+        if 0 <= r < rows and 0 <= c < cols:
+            centre[r, c] = _SHAPE_INDEX[obj.shape]
+    return torch.stack([color, shape, glyph, band, centre]).flatten(1)
 
 
 class DenseHeads(torch.nn.Module):
-    """Linear colour / shape / glyph / column-band classifiers over visual tokens [N, D] (training only)."""
+    """Linear colour / shape / glyph / column-band / object-centre classifiers over visual tokens [N, D] (training
+    only)."""
 
-    NAMES = ("color", "shape", "glyph", "column")
+    NAMES = ("color", "shape", "glyph", "column", "centre")
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -70,12 +79,13 @@ class DenseHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(dim, SHAPE_CLASSES)
         self.glyph = torch.nn.Linear(dim, GLYPH_CLASSES)
         self.column = torch.nn.Linear(dim, COLUMN_BANDS + 1)
+        self.centre = torch.nn.Linear(dim, SHAPE_CLASSES)
 
     def heads(self) -> tuple[torch.nn.Linear, ...]:
         return tuple(getattr(self, name) for name in self.NAMES)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """tokens [N, D], labels [4, N] -> mean of the cross-entropies, each balanced so that the few cells on
+        """tokens [N, D], labels [5, N] -> mean of the cross-entropies, each balanced so that the few cells on
         an object (or on the glyph) weigh as much as the background: averaged over all cells, the background
         dominates and the heads learn colour (trivial) but never shape or glyph identity."""
         total = tokens.new_zeros(())
@@ -90,7 +100,7 @@ class DenseHeads(torch.nn.Module):
 
     @torch.no_grad()
     def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Share of the labelled cells (class > 0) each head gets right: tokens [N, D], labels [4, N]."""
+        """Share of the labelled cells (class > 0) each head gets right: tokens [N, D], labels [5, N]."""
         out = {}
         for name, head, target in zip(self.NAMES, self.heads(), labels):
             on = target > 0
@@ -125,4 +135,12 @@ def object_cells(things: list, rows: int, cols: int) -> torch.Tensor:
         else:
             hit |= ((x - t.x).abs() <= t.radius) & ((y - t.y).abs() <= t.radius)
         hit[min(rows - 1, int(t.y * rows)), min(cols - 1, int(t.x * cols))] = True
+    return hit.flatten()
+
+
+def centre_cells(things: list, rows: int, cols: int) -> torch.Tensor:
+    """[rows * cols] bool: the cell holding each thing's centre (the `centre` label of `cell_labels`)."""
+    hit = torch.zeros(rows, cols, dtype=torch.bool)
+    for t in things:
+        hit[min(rows - 1, math.floor(t.y * rows)), min(cols - 1, math.floor(t.x * cols))] = True
     return hit.flatten()

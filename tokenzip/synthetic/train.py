@@ -47,8 +47,10 @@ class TrainConfig:
     batch_size: int = 32
     extra_turns: int = 10  # extra questions per image after the sample's own (at most)
     question_rounds: int = 2  # draws of `extra_questions` per image (each asks up to one question per category)
-    freeze_tower: bool = True  # after the vision phase, train the projector and LLM only (the tower's backward
-    # pass is most of a question-answering step, and its features are already decodable)
+    freeze_tower: bool = True  # after the vision phase, freeze the tower but its last `tower_trainable_layers`
+    # feeding layers (the tower's backward pass is most of a question-answering step, and its features are already
+    # decodable; the last layer stays trainable for what the vision phase has not finished, e.g. glyphs)
+    tower_trainable_layers: int = 1
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.05
@@ -184,21 +186,30 @@ def visual_grids(model, family: str, row_ids: torch.Tensor) -> list[tuple[torch.
 
 
 def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids: set[int]):
-    """Targets of the two supervised hops, per assistant turn whose question names something visible:
+    """Targets of the supervised hops, per assistant turn whose question names something visible:
 
     * noun -> object: the last naming word of each phrase (the shape in "What color is the square ?", "box" for
       the glyph, both shapes of a position question) should attend to the visual tokens covering the object(s)
       that phrase names (in every grid of the image);
-    * answer -> nouns: the token that predicts the answer should attend to those words.
+    * answer -> first noun: the token that predicts the answer should attend to that word (the only one, or the
+      first object of a position question);
+    * answer -> second noun (position questions), in another head: the two objects reach the answer side by side
+      instead of averaged into one vector, so that left / right stays comparable.
 
-    Returns ((noun queries [M, 2], object keys [M, S]), (answer queries [T, 2], noun keys [T, S])); queries are
-    (sample, position) rows.
+    A count question's noun attends to the centre cell of each counted object only (one token per object, so that
+    the attention mass it puts there, against the rest, says how many).
+
+    Returns three (queries [M, 2], keys [M, S]) pairs in that order; queries are (sample, position) rows.
     """
-    from .dense import object_cells
+    from .dense import centre_cells, object_cells
 
     ids = batch["input_ids"]
     width = ids.shape[1]
-    nouns, objects, answers, words = [], [], [], []
+    hops: tuple[list, list, list] = ([], [], [])  # per hop: (query row, key mask) pairs
+
+    def add(hop: int, b: int, query: int, keys: torch.Tensor) -> None:
+        hops[hop].append(((b, query), keys))
+
     for b, (scene, questions) in enumerate(zip(batch["scenes"], batch["questions"])):
         row_ids = ids[b].tolist()
         markers = [p for p, t in enumerate(row_ids) if t == marker_id]
@@ -206,29 +217,31 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
         previous = 0
         for pos, question in zip(markers, questions):
             naming = [p for p in range(previous, pos) if row_ids[p] in noun_ids]
-            previous = pos
+            previous = pos + 2  # after this turn's answer word and end token
             phrases = named_objects(scene, question)
             # the last naming word of each phrase: a phrase is "colour shape" or one word
             ends = naming[-1:] if len(phrases) == 1 else [naming[1], naming[3]] if len(naming) == 4 else []
-            word = torch.zeros(width, dtype=torch.bool)
-            for noun, things in zip(ends, phrases):
+            for k, (noun, things) in enumerate(zip(ends, phrases)):
                 if not things:
                     continue
                 keys = torch.zeros(width, dtype=torch.bool)
+                cells = centre_cells if question.category == "count" else object_cells
                 for positions, rows, cols in grids:
-                    keys[positions[object_cells(things, rows, cols)]] = True
-                nouns.append((b, noun))
-                objects.append(keys)
+                    keys[positions[cells(things, rows, cols)]] = True
+                add(0, b, noun, keys)
+                word = torch.zeros(width, dtype=torch.bool)
                 word[noun] = True
-            if word.any():
-                answers.append((b, pos))
-                words.append(word)
-    rows = lambda q: torch.tensor(q, dtype=torch.long).reshape(-1, 2)  # noqa: E731
-    return (rows(nouns), torch.stack(objects)), (rows(answers), torch.stack(words))
+                add(1 + k, b, pos, word)
+    out = []
+    for pairs in hops:
+        queries = torch.tensor([q for q, _ in pairs], dtype=torch.long).reshape(-1, 2)
+        keys = torch.stack([k for _, k in pairs]) if pairs else torch.zeros(0, width, dtype=torch.bool)
+        out.append((queries, keys))
+    return tuple(out)
 
 
 def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
-    """[4, N] cell labels matching `VisualTap.tokens` for square images rendered at RENDER_SIDE."""
+    """[5, N] cell labels (`dense.cell_labels`) matching `VisualTap.tokens`, square images rendered at RENDER_SIDE."""
     from .dense import cell_labels
 
     if family == "llava_onevision":
@@ -258,7 +271,15 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     heads = DenseHeads(model.config.get_text_config().hidden_size)
     tap = VisualTap(model, cfg.family)
     supervise = bool(cfg.attention_weight)
-    teachers = (AttentionTeacher(model, cfg.noun_layer), AttentionTeacher(model, cfg.answer_layer)) if supervise else ()
+    teachers = (
+        (
+            AttentionTeacher(model, cfg.noun_layer),
+            AttentionTeacher(model, cfg.answer_layer),
+            AttentionTeacher(model, cfg.answer_layer, head=1),
+        )
+        if supervise
+        else ()
+    )
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
@@ -288,7 +309,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             verbose=verbose,
         )
         if cfg.freeze_tower:
-            for p in tower_parameters(model):
+            for p in tower_parameters(model, cfg.tower_trainable_layers):
                 p.requires_grad_(False)  # AdamW skips parameters without gradients
     steps = StepBudget(budget - (time.perf_counter() - start), cfg.max_steps)
     step, seen, losses, dense_losses, attention_losses = 0, 0, [], [], []
@@ -305,7 +326,8 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         total_loss = loss + cfg.dense_weight * dense
         if supervise:
             hops = attention_targets(model, cfg.family, batch, marker_id, noun_ids)
-            attention = sum(teacher.loss(*hop) for teacher, hop in zip(teachers, hops)) / 2
+            terms = [teacher.loss(*hop) for teacher, hop in zip(teachers, hops) if hop[0].numel()]
+            attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
             total_loss = total_loss + cfg.attention_weight * attention
             attention_losses.append(attention.item())
         opt.zero_grad(set_to_none=True)
@@ -398,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minutes", type=float, default=TrainConfig.minutes)
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
     ap.add_argument("--vision-share", type=float, default=TrainConfig.vision_share)
+    ap.add_argument("--tower-trainable-layers", type=int, default=TrainConfig.tower_trainable_layers)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -410,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         minutes=a.minutes,
         max_steps=a.max_steps,
         vision_share=a.vision_share,
+        tower_trainable_layers=a.tower_trainable_layers,
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,

@@ -25,12 +25,29 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.model.named_parameters() if not name.startswith("language_model.")]
 
 
-def tower_parameters(model) -> list[torch.nn.Parameter]:
-    """The vision encoder alone: the tower of LLaVA / OneVision, Qwen2.5-VL's `visual` without its merger."""
+def tower_parameters(model, trainable_layers: int = 0) -> list[torch.nn.Parameter]:
+    """The vision encoder (the tower of LLaVA / OneVision, Qwen2.5-VL's `visual` without its merger) minus its
+    last `trainable_layers` layers that feed the visual features: what the question-answering phase freezes.
+
+    LLaVA-1.5 takes its features from layer -2, so the tower's last layer is unused and "the last feeding layer"
+    is the one before it.
+    """
     inner = model.model
     if hasattr(inner, "vision_tower"):
-        return list(inner.vision_tower.parameters())
-    return [p for name, p in inner.visual.named_parameters() if not name.startswith("merger.")]
+        tower, layers = inner.vision_tower, inner.vision_tower.encoder.layers
+        feature_layer = getattr(model.config, "vision_feature_layer", -1)
+        used = len(layers) + 1 + feature_layer if feature_layer < 0 else feature_layer
+        prefix = "encoder.layers."
+    else:
+        tower = inner.visual
+        used = len(tower.blocks)
+        prefix = "blocks."
+    trainable = {f"{prefix}{k}." for k in range(max(0, used - trainable_layers), used)}
+    return [
+        p
+        for name, p in tower.named_parameters()
+        if not name.startswith("merger.") and not any(name.startswith(t) for t in trainable)
+    ]
 
 
 def image_batch(processor, indices: list[int], seed: int) -> tuple[dict, list]:
@@ -61,7 +78,7 @@ def pretrain_vision(
     the heads' accuracy on each logged batch before its update).
 
     `tokens()` returns the visual tokens [N, D] of the last forward (`train.VisualTap`), `labels(scenes)` the
-    matching [4, N] cell labels (`train.dense_labels`).
+    matching [5, N] cell labels (`train.dense_labels`).
     """
     params = [*vision_parameters(model), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
