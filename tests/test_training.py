@@ -181,3 +181,67 @@ def test_attention_targets_point_at_the_named_objects(family):
             assert 1 <= int(keys.sum()) <= len(things) * len(grids[b])
         else:
             assert int(keys.sum()) >= len(grids[b])
+
+
+def test_band_x_is_the_scaled_centre_of_each_grid_column():
+    from tokenzip.synthetic.dense import COLUMN_BANDS, band_x, cell_labels
+
+    bands = cell_labels(sample("train", 3).scene, 12, 12)[3].view(12, 12)
+    centres = 2 * (torch.arange(12, dtype=torch.float32) + 0.5) / 12 - 1
+    assert COLUMN_BANDS == 12
+    assert torch.allclose(band_x(bands), centres.expand(12, 12))
+    assert band_x(torch.tensor([1, COLUMN_BANDS])).tolist() == pytest.approx([-11 / 12, 11 / 12])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_position_probe_targets_follow_the_question(family):
+    """Noun rows are naming words of one-object phrases with that object's centre; answer rows are the tokens that
+    predict a position answer, the sign of x1 - x2 being the answer."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.position_probe import probe_targets
+    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+
+    _, processor = build(family)
+    batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    nouns = attribute_word_ids(processor.tokenizer)
+    turns = list(named_turns(batch, marker, nouns))
+    targets = probe_targets(turns)
+    ids = batch["input_ids"]
+    assert ids[targets.answer_rows[:, 0], targets.answer_rows[:, 1]].eq(marker).all()
+    assert ids[targets.noun_rows[:, 0], targets.noun_rows[:, 1]].apply_(lambda t: t in nouns).bool().all()
+    answers = {(b, pos): q.answer for b, pos, q, _, _ in turns if q.category == "position"}
+    assert len(targets.answer_rows) == len(answers) > 0
+    for (b, pos), dx in zip(targets.answer_rows.tolist(), targets.answer_dx.tolist()):
+        assert answers[(b, pos)] == ("left" if dx < 0 else "right")
+    singles = {
+        (b, noun): 2 * things[0].x - 1
+        for b, _, _, ends, phrases in turns
+        for noun, things in zip(ends, phrases)
+        if len(things) == 1 and hasattr(things[0], "shape")
+    }
+    assert dict(zip(map(tuple, targets.noun_rows.tolist()), targets.noun_x.tolist())) == pytest.approx(singles)
+
+
+def test_position_probes_read_the_named_decoder_layers():
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.position_probe import PositionProbes, ProbeTargets
+
+    model, processor = build("llava")
+    model.eval()
+    batch = training_batch(processor, "llava", [0, 1], TrainConfig())
+    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    probes = PositionProbes(model, noun_layer=1, answer_layer=3)
+    rows = torch.tensor([[0, 5], [1, 9]])
+    targets = ProbeTargets(rows, torch.tensor([0.5, -0.25]), rows.flip(0), torch.tensor([1.0, -1.0]))
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # [k + 1] = output of decoder layer k
+        got = probes.loss(targets)
+        noun = probes.noun(hidden[2][rows[:, 0], rows[:, 1]]).squeeze(-1)
+        flipped = rows.flip(0)
+        answer = probes.answer(hidden[4][flipped[:, 0], flipped[:, 1]]).squeeze(-1)
+    expected = ((noun - targets.noun_x) ** 2).mean() + ((answer - targets.answer_dx) ** 2).mean()
+    assert torch.allclose(got, expected, atol=1e-6)
+    probes.remove()
+    layers = model.model.language_model.layers
+    assert not any(tap.handle.id in layer._forward_hooks for tap in probes._taps for layer in layers)

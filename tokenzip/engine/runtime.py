@@ -633,9 +633,9 @@ class Runtime:
             for b, items in enumerate(st.items.per_sample)
             for j, it in enumerate(items)
         }
-        available = self._available(flat)
-        vision_groups = self._vision_merges(flat)
-        overrides = self._overrides(flat)
+        available = self._per_item(flat, "available")
+        vision_groups = self._per_item(flat, "vision_groups")
+        overrides = self._per_item(flat, "overrides")
         pruned_in_tower = any(a is not None for a in available.values()) or bool(overrides)
         if not (self.plan.pre_llm or pruned_in_tower):
             st.layout0 = orig
@@ -723,28 +723,14 @@ class Runtime:
         st.layer_layouts = [st.layout0] * self.info.n_llm_layers
 
     @staticmethod
-    def _available(flat) -> dict[tuple[str, int], torch.Tensor | None]:
+    def _per_item(flat, field: str) -> dict[tuple[str, int], Any]:
+        """(modality, index in modality) -> the item's entry of the per-item list `VisionCall.<field>`
+        (`available`, `vision_groups` or `overrides`); items of calls whose list is None are left out."""
         return {
-            (m, k): (None if call.available is None else call.available[j])
+            (m, k): getattr(call, field)[j]
             for m, entries in flat.items()
             for k, (call, j) in enumerate(entries)
-        }
-
-    @staticmethod
-    def _vision_merges(flat) -> dict[tuple[str, int], torch.Tensor | None]:
-        return {
-            (m, k): (None if call.vision_groups is None else call.vision_groups[j])
-            for m, entries in flat.items()
-            for k, (call, j) in enumerate(entries)
-        }
-
-    @staticmethod
-    def _overrides(flat) -> dict[tuple[str, int], Selection]:
-        return {
-            (m, k): call.overrides[j]
-            for m, entries in flat.items()
-            for k, (call, j) in enumerate(entries)
-            if call.overrides is not None
+            if getattr(call, field) is not None
         }
 
     def _item_signals(self, flat) -> dict[tuple[str, int], dict[str, torch.Tensor]]:

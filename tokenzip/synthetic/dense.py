@@ -3,8 +3,9 @@
 A from-scratch VLM learns slowly when the only signal is one answer word per question: the vision tower gets
 no direct supervision. During training (only), small linear heads read the projected visual tokens and predict,
 for every grid cell, the colour and shape of the object under the cell centre, the glyph printed there and the
-column band of the cell (so that left / right is readable from a token alone). The heads are discarded; the
-shipped model is the plain HF class.
+column band of the cell, and (a regression) the horizontal position of the cell centre, so that left / right is
+readable from a token alone and, being linear, survives the attention averages that carry it to the answer. The
+heads are discarded; the shipped model is the plain HF class.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .scenes import COLORS, GLYPHS, SHAPES, Scene
 COLOR_CLASSES = len(COLORS) + 1  # + background
 SHAPE_CLASSES = len(SHAPES) + 1
 GLYPH_CLASSES = len(GLYPHS) + 1
-COLUMN_BANDS = 6  # horizontal position of a cell, in equal bands of the full image width (classes 1..6)
+COLUMN_BANDS = 12  # horizontal position of a cell, in equal bands of the full image width (classes 1..12); 12 =
+# one band per grid column of the 12-column grids (LLaVA, Qwen2.5-VL, OneVision's packed tiles)
 _COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}
 _SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
 
@@ -67,9 +69,15 @@ def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, flo
     return torch.stack([color, shape, glyph, band, centre]).flatten(1)
 
 
+def band_x(band: torch.Tensor) -> torch.Tensor:
+    """Column band labels (1..COLUMN_BANDS, any shape) -> the band centre's horizontal position, scaled to [-1, 1]
+    (the regression target of `DenseHeads.x`)."""
+    return 2 * (band.float() - 0.5) / COLUMN_BANDS - 1
+
+
 class DenseHeads(torch.nn.Module):
-    """Linear colour / shape / glyph / column-band / object-centre classifiers over visual tokens [N, D] (training
-    only)."""
+    """Linear colour / shape / glyph / column-band / object-centre classifiers and a horizontal-position regression
+    over visual tokens [N, D] (training only)."""
 
     NAMES = ("color", "shape", "glyph", "column", "centre")
 
@@ -80,6 +88,7 @@ class DenseHeads(torch.nn.Module):
         self.glyph = torch.nn.Linear(dim, GLYPH_CLASSES)
         self.column = torch.nn.Linear(dim, COLUMN_BANDS + 1)
         self.centre = torch.nn.Linear(dim, SHAPE_CLASSES)
+        self.x = torch.nn.Linear(dim, 1)
 
     def heads(self) -> tuple[torch.nn.Linear, ...]:
         return tuple(getattr(self, name) for name in self.NAMES)
@@ -96,16 +105,20 @@ class DenseHeads(torch.nn.Module):
             object_part = ce[on].mean() if on.any() else ce.new_zeros(())
             background_part = ce[~on].mean() if (~on).any() else ce.new_zeros(())
             total = total + object_part + background_part
-        return total / len(self.NAMES)
+        x = torch.nn.functional.mse_loss(self.x(tokens).squeeze(-1), band_x(labels[3]))
+        return (total + x) / (len(self.NAMES) + 1)
 
     @torch.no_grad()
     def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Share of the labelled cells (class > 0) each head gets right: tokens [N, D], labels [5, N]."""
+        """Share of the labelled cells (class > 0) each head gets right, and (`x`) of the cells whose regressed
+        position is within half a column band: tokens [N, D], labels [5, N]."""
         out = {}
         for name, head, target in zip(self.NAMES, self.heads(), labels):
             on = target > 0
             hits = head(tokens[on]).argmax(-1) == target[on]
             out[name] = round(hits.float().mean().item(), 4) if on.any() else float("nan")
+        error = (self.x(tokens).squeeze(-1) - band_x(labels[3])).abs()
+        out["x"] = round((error < 1 / COLUMN_BANDS).float().mean().item(), 4)  # within half a band of the centre
         return out
 
 

@@ -29,6 +29,7 @@ from .conversations import extra_questions, messages
 from .dataset import SPLITS, Sample, sample
 from .dense import DenseHeads
 from .evaluate import evaluate
+from .position_probe import PositionProbes, probe_targets
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
 from .vision_phase import pretrain_vision, tower_parameters
@@ -59,6 +60,7 @@ class TrainConfig:
     attention_weight: float = 1.0  # attention supervision of two heads (see attention_teacher.py); 0 = off
     noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
+    probe_weight: float = 1.0  # horizontal-position probes after those two layers (see position_probe.py); 0 = off
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 300  # validation samples per periodic evaluation
@@ -185,6 +187,23 @@ def visual_grids(model, family: str, row_ids: torch.Tensor) -> list[tuple[torch.
     return [(positions[: side * side], side, side), (packed, hi, hi)]
 
 
+def named_turns(batch: dict, marker_id: int, noun_ids: set[int]):
+    """Per assistant turn of every sample: (sample, position of the token that predicts the answer, question,
+    positions of the last naming word of each phrase, the objects each phrase names), phrases in question order
+    (`named_objects`). A phrase is "colour shape" or one word, so a position question has four naming words."""
+    ids = batch["input_ids"]
+    for b, (scene, questions) in enumerate(zip(batch["scenes"], batch["questions"])):
+        row_ids = ids[b].tolist()
+        markers = [p for p, t in enumerate(row_ids) if t == marker_id]
+        previous = 0
+        for pos, question in zip(markers, questions):
+            naming = [p for p in range(previous, pos) if row_ids[p] in noun_ids]
+            previous = pos + 2  # after this turn's answer word and end token
+            phrases = named_objects(scene, question)
+            ends = naming[-1:] if len(phrases) == 1 else [naming[1], naming[3]] if len(naming) == 4 else []
+            yield b, pos, question, ends, phrases
+
+
 def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids: set[int]):
     """Targets of the supervised hops, per assistant turn whose question names something visible:
 
@@ -206,32 +225,19 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
     ids = batch["input_ids"]
     width = ids.shape[1]
     hops: tuple[list, list, list] = ([], [], [])  # per hop: (query row, key mask) pairs
-
-    def add(hop: int, b: int, query: int, keys: torch.Tensor) -> None:
-        hops[hop].append(((b, query), keys))
-
-    for b, (scene, questions) in enumerate(zip(batch["scenes"], batch["questions"])):
-        row_ids = ids[b].tolist()
-        markers = [p for p, t in enumerate(row_ids) if t == marker_id]
-        grids = visual_grids(model, family, ids[b])
-        previous = 0
-        for pos, question in zip(markers, questions):
-            naming = [p for p in range(previous, pos) if row_ids[p] in noun_ids]
-            previous = pos + 2  # after this turn's answer word and end token
-            phrases = named_objects(scene, question)
-            # the last naming word of each phrase: a phrase is "colour shape" or one word
-            ends = naming[-1:] if len(phrases) == 1 else [naming[1], naming[3]] if len(naming) == 4 else []
-            for k, (noun, things) in enumerate(zip(ends, phrases)):
-                if not things:
-                    continue
-                keys = torch.zeros(width, dtype=torch.bool)
-                cells = centre_cells if question.category == "count" else object_cells
-                for positions, rows, cols in grids:
-                    keys[positions[cells(things, rows, cols)]] = True
-                add(0, b, noun, keys)
-                word = torch.zeros(width, dtype=torch.bool)
-                word[noun] = True
-                add(1 + k, b, pos, word)
+    grids = [visual_grids(model, family, row) for row in ids]
+    for b, pos, question, ends, phrases in named_turns(batch, marker_id, noun_ids):
+        for k, (noun, things) in enumerate(zip(ends, phrases)):
+            if not things:
+                continue
+            keys = torch.zeros(width, dtype=torch.bool)
+            cells = centre_cells if question.category == "count" else object_cells
+            for positions, rows, cols in grids[b]:
+                keys[positions[cells(things, rows, cols)]] = True
+            hops[0].append(((b, noun), keys))
+            word = torch.zeros(width, dtype=torch.bool)
+            word[noun] = True
+            hops[1 + k].append(((b, pos), word))
     out = []
     for pairs in hops:
         queries = torch.tensor([q for q, _ in pairs], dtype=torch.long).reshape(-1, 2)
@@ -280,9 +286,12 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         if supervise
         else ()
     )
+    probes = PositionProbes(model, cfg.noun_layer, cfg.answer_layer) if cfg.probe_weight else None
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
+    if probes is not None:
+        params += [("probe." + n, p) for n, p in probes.named_parameters()]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -312,7 +321,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             for p in tower_parameters(model, cfg.tower_trainable_layers):
                 p.requires_grad_(False)  # AdamW skips parameters without gradients
     steps = StepBudget(budget - (time.perf_counter() - start), cfg.max_steps)
-    step, seen, losses, dense_losses, attention_losses = 0, 0, [], [], []
+    step, seen, losses, dense_losses, attention_losses, probe_losses = 0, 0, [], [], [], []
     while step < steps.total:
         indices = list(range(seen, seen + cfg.batch_size))
         seen += cfg.batch_size
@@ -330,6 +339,10 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
             total_loss = total_loss + cfg.attention_weight * attention
             attention_losses.append(attention.item())
+        if probes is not None:
+            probe = probes.loss(probe_targets(named_turns(batch, marker_id, noun_ids)))
+            total_loss = total_loss + cfg.probe_weight * probe
+            probe_losses.append(probe.item())
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params if p.requires_grad], 1.0)
@@ -344,7 +357,9 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             aux = sum(dense_losses[-25:]) / len(dense_losses[-25:])
             rate = cosine_lr(step, steps.total, cfg.lr, cfg.warmup)
             att = sum(attention_losses[-25:]) / max(1, len(attention_losses[-25:]))
+            pro = sum(probe_losses[-25:]) / max(1, len(probe_losses[-25:]))
             print(f"step {step}/{steps.total} loss {recent:.4f} dense {aux:.4f} attention {att:.3f}", end="")
+            print(f" probes {pro:.3f}", end="")
             print(f" lr {rate:.2e} {elapsed / 60:.1f} min", flush=True)
         if cfg.eval_samples and (step % cfg.eval_every == 0 or step == steps.total):
             model.eval()
@@ -356,12 +371,15 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     tap.remove()
     for teacher in teachers:
         teacher.remove()
+    if probes is not None:
+        probes.remove()
     model.eval()
     minutes = (time.perf_counter() - start) / 60
     report = {
         "losses": [round(x, 4) for x in losses],
         "dense_losses": [round(x, 4) for x in dense_losses],
         "attention_losses": [round(x, 4) for x in attention_losses],
+        "probe_losses": [round(x, 4) for x in probe_losses],
         "vision_phase": vision_log,
         "command": "python -m tokenzip.synthetic.train " + " ".join(sys.argv[1:]) if sys.argv else "",
         "config": asdict(cfg),

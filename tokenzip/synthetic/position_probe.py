@@ -1,0 +1,95 @@
+"""Linear probes that teach the bundled tiny models to compare horizontal positions (training only).
+
+A position question ("Is the red square left or right of the blue circle ?") needs the two objects' positions to
+meet at the answer. The attention teachers route them there (each naming word gathers its object's visual tokens,
+the answer reads the two naming words in two heads), but the answer word alone never taught the model in what form
+to carry a position: trained that way the bundled LLaVA answered position questions below chance. Two linear
+regressions on the residual stream fix the form:
+
+* after the noun layer, the last naming word of a phrase that names exactly one object predicts that object's
+  horizontal centre (scaled to [-1, 1]);
+* after the answer layer, the token that predicts a position answer predicts the difference of the two objects'
+  scaled centres (first minus second), whose sign is the answer.
+
+Linear features survive the attention averages that move them from cell to word to answer, so the comparison the
+language model still has to learn is a sign. The probes are discarded; the shipped model is the plain HF class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ProbeTargets:
+    """Rows are (sample, position) pairs of one batch; values are scaled horizontal positions."""
+
+    noun_rows: torch.Tensor  # [M, 2] long: last naming word of a one-object phrase
+    noun_x: torch.Tensor  # [M] float: that object's centre, 2 * x - 1
+    answer_rows: torch.Tensor  # [K, 2] long: the token predicting a position answer
+    answer_dx: torch.Tensor  # [K] float: (2 * x1 - 1) - (2 * x2 - 1)
+
+
+class LayerTap:
+    """Keeps the output hidden states [B, S, D] of one decoder layer of the language model (a forward hook)."""
+
+    def __init__(self, model, layer: int) -> None:
+        self.hidden: torch.Tensor | None = None
+        module = model.model.language_model.layers[layer]
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class PositionProbes(torch.nn.Module):
+    """The two regressions above, reading decoder layers `noun_layer` and `answer_layer` of `model`."""
+
+    def __init__(self, model, noun_layer: int, answer_layer: int) -> None:
+        super().__init__()
+        dim = model.config.get_text_config().hidden_size
+        self.noun = torch.nn.Linear(dim, 1)
+        self.answer = torch.nn.Linear(dim, 1)
+        self._taps = (LayerTap(model, noun_layer), LayerTap(model, answer_layer))
+
+    def loss(self, targets: ProbeTargets) -> torch.Tensor:
+        """Sum of the two mean squared errors on the last forward (a term is 0 when the batch has no row for it)."""
+        total = torch.zeros(())
+        pairs = (
+            (self.noun, self._taps[0], targets.noun_rows, targets.noun_x),
+            (self.answer, self._taps[1], targets.answer_rows, targets.answer_dx),
+        )
+        for head, tap, rows, value in pairs:
+            if rows.numel():
+                read = head(tap.hidden[rows[:, 0], rows[:, 1]].float()).squeeze(-1)
+                total = total + torch.nn.functional.mse_loss(read, value)
+        return total
+
+    def remove(self) -> None:
+        for tap in self._taps:
+            tap.remove()
+
+
+def probe_targets(turns) -> ProbeTargets:
+    """Targets from `train.named_turns` tuples (sample, answer position, question, naming positions, phrases)."""
+    noun_rows, noun_x, answer_rows, answer_dx = [], [], [], []
+    for b, pos, question, ends, phrases in turns:
+        single = [things[0] if len(things) == 1 and hasattr(things[0], "shape") else None for things in phrases]
+        for noun, obj in zip(ends, single):
+            if obj is not None:
+                noun_rows.append((b, noun))
+                noun_x.append(2 * obj.x - 1)
+        if question.category == "position" and len(ends) == 2 and all(o is not None for o in single):
+            answer_rows.append((b, pos))
+            answer_dx.append(2 * (single[0].x - single[1].x))
+    return ProbeTargets(
+        torch.tensor(noun_rows, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(noun_x, dtype=torch.float32),
+        torch.tensor(answer_rows, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(answer_dx, dtype=torch.float32),
+    )
