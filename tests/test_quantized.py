@@ -90,20 +90,17 @@ def test_keep_one_leaves_the_quantized_model_untouched(folders, family, mode):
     assert torch.equal(after, before)
 
 
-# Known, not yet explained (reported in the issue-7 note, visible here as a strict xfail): on the 4-bit OneVision
-# model, `random` gives cached logits 6e-4 away from the cache-free recomputation (the unpatched 4-bit model: 6e-8).
-OPEN = {("llava_onevision", "random", "4bit")}
-XFAIL = pytest.mark.xfail(strict=True, reason="open: see OPEN")
+# bitsandbytes' CPU 4-bit kernel rounds every activation to bfloat16 before its matmul, whatever the compute dtype
+# (`test_cpu_4bit_linear_rounds_its_input_to_bfloat16`). Two computations of one position that differ by one float32
+# ulp (sdpa over 46 keys in the cached prefill, over 48 in the recomputation) then land, now and then, on
+# different bfloat16 values: a jump of 2^-8 relative in one activation, about 1e-3 in these models' logits (seen on
+# OneVision with `random`: 6e-4 from the third generated token on). Float32 and 8-bit models keep 1e-4.
+TOLERANCE = {"8bit": 1e-4, "4bit": 2e-3}
 # HoliTom's inner merge on OneVision ranks the whole image span, newline tokens included, and keeps a fixed number of
 # them: how many of the kept ones are grid cells (what `visual_mean` counts) depends on the scores. What its budget
 # fixes is the number of image-span tokens per layer, compared for these cases instead.
 SPAN_BUDGETED = {("llava_onevision", "holitom")}
-GRID = [
-    pytest.param(f, c, m, marks=XFAIL) if (f, c, m) in OPEN else (f, c, m)
-    for f in FAMILIES
-    for c in _cases(f)
-    for m in MODES
-]
+GRID = [(f, c, m) for f in FAMILIES for c in _cases(f) for m in MODES]
 
 
 def _span_counts(record) -> list[list[int]]:
@@ -131,6 +128,17 @@ def test_every_policy_on_a_quantized_model(folders, family, case, mode):
         counts = count(patch.stats.last)  # generate's prefill
         with patch.replay():
             reference = uncached_logits(model, inputs, tokens)
-    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, reference, atol=TOLERANCE[mode], rtol=TOLERANCE[mode])
     assert torch.equal(greedy_tokens(model, reference), tokens)
     assert counts == float_counts if (family, case) in SPAN_BUDGETED else counts == pytest.approx(float_counts)
+
+
+def test_cpu_4bit_linear_rounds_its_input_to_bfloat16(folders):
+    """What the 4-bit tolerance above rests on: if a bitsandbytes release stops rounding, this fails and the
+    tolerance should go back to 1e-4."""
+    model = quantized("llava", "4bit", folders["llava", "4bit"])
+    linear = model.model.language_model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 9, linear.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(linear(x), linear(x.bfloat16().float()))
+        assert not torch.equal(x, x.bfloat16().float())

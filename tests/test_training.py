@@ -162,24 +162,33 @@ def test_attention_targets_point_at_the_named_objects(family):
     )
     ids = batch["input_ids"]
     image = ids == model.config.image_token_id
-    assert not (nk & ~image[nq[:, 0]]).any()  # nouns look at visual tokens only
     grids = [visual_grids(model, family, ids[b]) for b in range(ids.shape[0])]
     per_grid = sum(rows * cols for _, rows, cols in grids[0])
     assert sum(positions.numel() for positions, _, _ in grids[0]) == per_grid <= int(image[0].sum())
     turns = [(b, q) for b, qs in enumerate(batch["questions"]) for q in qs]
-    visible = [(b, q) for b, q in turns if any(named_objects(batch["scenes"][b], q))]
-    positional = [(b, q) for b, q in visible if q.category == "position"]
-    assert len(aq) == len(visible) and len(pq) == len(positional) > 0
+    # supervised: every question naming something visible, and every count question (zero objects included)
+    taught = [(b, q) for b, q in turns if q.category == "count" or any(named_objects(batch["scenes"][b], q))]
+    positional = [(b, q) for b, q in taught if q.category == "position"]
+    assert len(aq) == len(taught) and len(pq) == len(positional) > 0
     assert (ak.sum(1) == 1).all() and (pk.sum(1) == 1).all()  # one word each
     assert (
-        pk.float().argmax(1) > ak[[i for i, (_, q) in enumerate(visible) if q.category == "position"]].float().argmax(1)
+        pk.float().argmax(1) > ak[[i for i, (_, q) in enumerate(taught) if q.category == "position"]].float().argmax(1)
     ).all()
-    rows = [(b, q, things) for b, q in visible for things in named_objects(batch["scenes"][b], q) if things]
+    rows = [
+        (b, q, things)
+        for b, q in taught
+        for things in named_objects(batch["scenes"][b], q)
+        if things or q.category == "count"
+    ]
     assert len(rows) == len(nq)
-    for keys, (b, q, things) in zip(nk, rows):
-        if q.category == "count":  # one centre cell per counted object, per grid
-            assert 1 <= int(keys.sum()) <= len(things) * len(grids[b])
+    sink = torch.zeros_like(nk)
+    sink[:, 0] = True  # right-padded training batches: every sample starts at position 0
+    for keys, sinks, (b, q, things) in zip(nk, sink, rows):
+        if q.category == "count":  # one centre cell per counted object, per grid, and the sink
+            assert keys[0] and not (keys & ~image[b] & ~sinks).any()
+            assert int(keys[1:].sum()) <= len(things) * len(grids[b]) and (int(keys[1:].sum()) > 0) == bool(things)
         else:
+            assert not (keys & ~image[b]).any()  # nouns look at visual tokens only
             assert int(keys.sum()) >= len(grids[b])
 
 
@@ -198,7 +207,7 @@ def test_position_probe_targets_follow_the_question(family):
     """Noun rows are naming words of one-object phrases with that object's centre; answer rows are the tokens that
     predict a position answer, the sign of x1 - x2 being the answer."""
     from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.position_probe import probe_targets
+    from tokenzip.synthetic.probes import probe_targets
     from tokenzip.synthetic.train import attribute_word_ids, named_turns
 
     _, processor = build(family)
@@ -210,6 +219,10 @@ def test_position_probe_targets_follow_the_question(family):
     ids = batch["input_ids"]
     assert ids[targets.answer_rows[:, 0], targets.answer_rows[:, 1]].eq(marker).all()
     assert ids[targets.noun_rows[:, 0], targets.noun_rows[:, 1]].apply_(lambda t: t in nouns).bool().all()
+    counts = {(b, pos): (ends[0], len(phrases[0])) for b, pos, q, ends, phrases in turns if q.category == "count"}
+    assert len(counts) > 0 and targets.count_answer_rows.tolist() == [list(k) for k in counts]
+    assert targets.count_noun_rows.tolist() == [[b, noun] for (b, _), (noun, _) in counts.items()]
+    assert targets.count.tolist() == [n / 2 - 1 for _, n in counts.values()]
     answers = {(b, pos): q.answer for b, pos, q, _, _ in turns if q.category == "position"}
     assert len(targets.answer_rows) == len(answers) > 0
     for (b, pos), dx in zip(targets.answer_rows.tolist(), targets.answer_dx.tolist()):
@@ -225,15 +238,18 @@ def test_position_probe_targets_follow_the_question(family):
 
 def test_position_probes_read_the_named_decoder_layers():
     from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.position_probe import PositionProbes, ProbeTargets
+    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
 
     model, processor = build("llava")
     model.eval()
     batch = training_batch(processor, "llava", [0, 1], TrainConfig())
     inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
-    probes = PositionProbes(model, noun_layer=1, answer_layer=3)
+    probes = ReadoutProbes(model, noun_layer=1, answer_layer=3)
     rows = torch.tensor([[0, 5], [1, 9]])
-    targets = ProbeTargets(rows, torch.tensor([0.5, -0.25]), rows.flip(0), torch.tensor([1.0, -1.0]))
+    none = torch.zeros(0, 2, dtype=torch.long)
+    targets = ProbeTargets(
+        rows, torch.tensor([0.5, -0.25]), rows.flip(0), torch.tensor([1.0, -1.0]), none, none, torch.zeros(0)
+    )
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states  # [k + 1] = output of decoder layer k
         got = probes.loss(targets)

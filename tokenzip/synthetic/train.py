@@ -29,7 +29,7 @@ from .conversations import extra_questions, messages
 from .dataset import SPLITS, Sample, sample
 from .dense import DenseHeads
 from .evaluate import evaluate
-from .position_probe import PositionProbes, probe_targets
+from .probes import ReadoutProbes, probe_targets
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
 from .vision_phase import pretrain_vision, tower_parameters
@@ -60,7 +60,7 @@ class TrainConfig:
     attention_weight: float = 1.0  # attention supervision of two heads (see attention_teacher.py); 0 = off
     noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
-    probe_weight: float = 1.0  # horizontal-position probes after those two layers (see position_probe.py); 0 = off
+    probe_weight: float = 1.0  # position and count probes after those two layers (see probes.py); 0 = off
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 300  # validation samples per periodic evaluation
@@ -215,8 +215,9 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
     * answer -> second noun (position questions), in another head: the two objects reach the answer side by side
       instead of averaged into one vector, so that left / right stays comparable.
 
-    A count question's noun attends to the centre cell of each counted object only (one token per object, so that
-    the attention mass it puts there, against the rest, says how many).
+    A count question's noun attends to the centre cell of each counted object (one token per object) or to the
+    first token of the sequence, a sink: the share of the mass left on the sink says how many (with no object to
+    count, the sink alone is the target).
 
     Returns three (queries [M, 2], keys [M, S]) pairs in that order; queries are (sample, position) rows.
     """
@@ -226,14 +227,19 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
     width = ids.shape[1]
     hops: tuple[list, list, list] = ([], [], [])  # per hop: (query row, key mask) pairs
     grids = [visual_grids(model, family, row) for row in ids]
+    mask = batch.get("attention_mask", torch.ones_like(ids))
+    sinks = mask.long().argmax(1)  # first attended position of each sample
     for b, pos, question, ends, phrases in named_turns(batch, marker_id, noun_ids):
+        counting = question.category == "count"
         for k, (noun, things) in enumerate(zip(ends, phrases)):
-            if not things:
+            if not things and not counting:
                 continue
             keys = torch.zeros(width, dtype=torch.bool)
-            cells = centre_cells if question.category == "count" else object_cells
+            cells = centre_cells if counting else object_cells
             for positions, rows, cols in grids[b]:
                 keys[positions[cells(things, rows, cols)]] = True
+            if counting:
+                keys[sinks[b]] = True
             hops[0].append(((b, noun), keys))
             word = torch.zeros(width, dtype=torch.bool)
             word[noun] = True
@@ -286,7 +292,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         if supervise
         else ()
     )
-    probes = PositionProbes(model, cfg.noun_layer, cfg.answer_layer) if cfg.probe_weight else None
+    probes = ReadoutProbes(model, cfg.noun_layer, cfg.answer_layer) if cfg.probe_weight else None
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]

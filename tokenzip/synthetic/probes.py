@@ -1,4 +1,4 @@
-"""Linear probes that teach the bundled tiny models to compare horizontal positions (training only).
+"""Linear probes that teach the bundled tiny models to compare horizontal positions and to count (training only).
 
 A position question ("Is the red square left or right of the blue circle ?") needs the two objects' positions to
 meet at the answer. The attention teachers route them there (each naming word gathers its object's visual tokens,
@@ -12,7 +12,15 @@ regressions on the residual stream fix the form:
   scaled centres (first minus second), whose sign is the answer.
 
 Linear features survive the attention averages that move them from cell to word to answer, so the comparison the
-language model still has to learn is a sign. The probes are discarded; the shipped model is the plain HF class.
+language model still has to learn is a sign.
+
+Counting has the same problem in another form: a naming word that attends only to the centre cells of the N
+counted objects averages N alike vectors, the same vector for every N. The count teacher therefore lets the word
+also attend to the first token of the sequence (a sink, see `train.attention_targets`), so that the share left on
+the sink falls with N, and two more regressions ask for N itself (scaled, N / 2 - 1): on the naming word after the
+noun layer and on the token that predicts a count answer after the answer layer.
+
+The probes are discarded; the shipped model is the plain HF class.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ class ProbeTargets:
     noun_x: torch.Tensor  # [M] float: that object's centre, 2 * x - 1
     answer_rows: torch.Tensor  # [K, 2] long: the token predicting a position answer
     answer_dx: torch.Tensor  # [K] float: (2 * x1 - 1) - (2 * x2 - 1)
+    count_noun_rows: torch.Tensor  # [C, 2] long: the naming word of a count question
+    count_answer_rows: torch.Tensor  # [C, 2] long: the token predicting its answer
+    count: torch.Tensor  # [C] float: how many, N / 2 - 1
 
 
 class LayerTap:
@@ -47,22 +58,26 @@ class LayerTap:
         self.handle.remove()
 
 
-class PositionProbes(torch.nn.Module):
-    """The two regressions above, reading decoder layers `noun_layer` and `answer_layer` of `model`."""
+class ReadoutProbes(torch.nn.Module):
+    """The four regressions above, reading decoder layers `noun_layer` and `answer_layer` of `model`."""
 
     def __init__(self, model, noun_layer: int, answer_layer: int) -> None:
         super().__init__()
         dim = model.config.get_text_config().hidden_size
         self.noun = torch.nn.Linear(dim, 1)
         self.answer = torch.nn.Linear(dim, 1)
+        self.noun_count = torch.nn.Linear(dim, 1)
+        self.answer_count = torch.nn.Linear(dim, 1)
         self._taps = (LayerTap(model, noun_layer), LayerTap(model, answer_layer))
 
     def loss(self, targets: ProbeTargets) -> torch.Tensor:
-        """Sum of the two mean squared errors on the last forward (a term is 0 when the batch has no row for it)."""
+        """Sum of the four mean squared errors on the last forward (a term is 0 when the batch has no row for it)."""
         total = torch.zeros(())
         pairs = (
             (self.noun, self._taps[0], targets.noun_rows, targets.noun_x),
             (self.answer, self._taps[1], targets.answer_rows, targets.answer_dx),
+            (self.noun_count, self._taps[0], targets.count_noun_rows, targets.count),
+            (self.answer_count, self._taps[1], targets.count_answer_rows, targets.count),
         )
         for head, tap, rows, value in pairs:
             if rows.numel():
@@ -78,7 +93,12 @@ class PositionProbes(torch.nn.Module):
 def probe_targets(turns) -> ProbeTargets:
     """Targets from `train.named_turns` tuples (sample, answer position, question, naming positions, phrases)."""
     noun_rows, noun_x, answer_rows, answer_dx = [], [], [], []
+    count_nouns, count_answers, count = [], [], []
     for b, pos, question, ends, phrases in turns:
+        if question.category == "count" and ends:
+            count_nouns.append((b, ends[0]))
+            count_answers.append((b, pos))
+            count.append(len(phrases[0]) / 2 - 1)
         single = [things[0] if len(things) == 1 and hasattr(things[0], "shape") else None for things in phrases]
         for noun, obj in zip(ends, single):
             if obj is not None:
@@ -92,4 +112,7 @@ def probe_targets(turns) -> ProbeTargets:
         torch.tensor(noun_x, dtype=torch.float32),
         torch.tensor(answer_rows, dtype=torch.long).reshape(-1, 2),
         torch.tensor(answer_dx, dtype=torch.float32),
+        torch.tensor(count_nouns, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(count_answers, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(count, dtype=torch.float32),
     )
