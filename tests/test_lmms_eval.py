@@ -182,3 +182,58 @@ def test_eval_grid_rows_and_cli(checkpoint, tmp_path):
     table = (out / "eval.md").read_text().splitlines()
     assert sum(line.startswith("| none") or line.startswith("| pool") for line in table) == 2
     assert len(json.loads((out / "eval.json").read_text())) == 2
+
+
+@pytest.fixture(scope="module")
+def video_checkpoints(tmp_path_factory):
+    """Untrained synthetic Qwen2.5-VL and OneVision saved like the bundled models."""
+    out = {}
+    for family in ("qwen2_5_vl", "llava_onevision"):
+        where = tmp_path_factory.mktemp(family)
+        torch.manual_seed(1)
+        model, processor = build(family)
+        model.save_pretrained(where)
+        processor.save_pretrained(where)
+        out[family] = str(where)
+    return out
+
+
+# visual tokens of one 8-frame clip at 224 px: Qwen 4 temporal patches x 8x8 merged; OneVision 8 frames x 3x3
+# pooled (its trailing newline token is layout, not content, and is always kept)
+VIDEO_TOKENS = {"qwen2_5_vl": 4 * 64, "llava_onevision": 8 * 9}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_video_task_runs_batched_like_batch_of_one(video_checkpoints, family):
+    """`tokenzip_synth_video` through lmms-eval: frames become video inputs without a video processor, a batch of
+    3 answers like 3 batches of one, and the stats count the clip's visual tokens and the budget."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from tokenzip.evaluation.lmms_model import CLASSES
+
+    runs = {}
+    for batch_size in (1, 3):
+        model = CLASSES[family](
+            pretrained=video_checkpoints[family], policy="holitom", keep=0.25, batch_size=batch_size, agreement=True
+        )
+        out = simple_evaluate(
+            model=model,
+            tasks=["tokenzip_synth_video"],
+            task_manager=TaskManager("WARNING", include_path=tasks_path()),
+            batch_size=batch_size,
+            limit=3,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="WARNING",
+        )
+        metrics = {k.split(",")[0]: v for k, v in out["results"]["tokenzip_synth_video"].items() if "," in k}
+        runs[batch_size] = ({r["uid"]: r for r in model.sample_stats}, metrics)
+    one, three = runs[1][0], runs[3][0]
+    assert one.keys() == three.keys() == {f"video/test/{i}" for i in range(3)}
+    assert [one[u]["answer"] for u in one] == [three[u]["answer"] for u in one]
+    assert runs[1][1] == runs[3][1]
+    assert {"exact_match", "agreement", "acc_video_color", "acc_video_move", "acc_video_appear"} <= runs[1][1].keys()
+    for row in one.values():
+        assert row["visual_in"] == VIDEO_TOKENS[family]
+        assert row["visual_llm_input"] < row["visual_in"] and 0 < row["flops_ratio"] < 1

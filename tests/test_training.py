@@ -261,3 +261,32 @@ def test_position_probes_read_the_named_decoder_layers():
     probes.remove()
     layers = model.model.language_model.layers
     assert not any(tap.handle.id in layer._forward_hooks for tap in probes._taps for layer in layers)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_video_steps_alternate_with_image_steps_and_are_measured(tmp_path, family):
+    cfg = TrainConfig(
+        family=family, max_steps=4, vision_share=0, batch_size=2, extra_turns=1, warmup=1, eval_samples=0,
+        video_share=0.5,
+    )  # fmt: skip
+    _, _, report = train(cfg, out=tmp_path, verbose=False, test_samples=4)
+    assert report["steps"] == 4 and report["video_steps"] == 2 and len(report["losses"]) == 2
+    assert all(torch.isfinite(torch.tensor(report["video_losses"])))
+    assert set(report["video_test_accuracy"]) == {"video_color", "video_move", "video_appear", "all"}
+
+
+def test_video_batch_labels_the_clip_answer():
+    from tokenzip.synthetic import VIDEO_FRAMES, video_sample
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.video_batches import is_video_step, video_batch
+
+    model, processor = build("llava_onevision")
+    batch = video_batch(processor, model.config, "llava_onevision", [5, 6])
+    for b, i in enumerate([5, 6]):
+        labels = batch["labels"][b]
+        words = processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+        assert words == [video_sample("train", i, frames=(VIDEO_FRAMES, VIDEO_FRAMES)).question.answer, "<|im_end|>"]
+    assert batch["pixel_values_videos"].shape[:2] == (2, VIDEO_FRAMES)
+    assert [is_video_step(s, 0.25) for s in range(8)] == [False, False, False, True] * 2
+    with pytest.raises(ValueError, match="video_share"):
+        train(TrainConfig(family="llava", video_share=0.2), verbose=False)

@@ -5,7 +5,7 @@ six categories (`CATEGORIES`), deterministic train / val / test splits, and a sh
 changes colour, moves or appears). No download, no GPU.
 """
 
-from .dataset import SPLITS, Sample, VideoSample, sample, samples, video_sample
+from .dataset import SPLITS, VIDEO_FRAMES, VIDEO_SIDE, VIDEO_TEST, Sample, VideoSample, sample, samples, video_sample
 from .questions import CATEGORIES, Question
 from .scenes import COLORS, SHAPES, Glyph, Obj, Scene, random_scene, render
 
@@ -14,6 +14,9 @@ __all__ = [
     "COLORS",
     "SHAPES",
     "SPLITS",
+    "VIDEO_FRAMES",
+    "VIDEO_SIDE",
+    "VIDEO_TEST",
     "Glyph",
     "Obj",
     "Question",

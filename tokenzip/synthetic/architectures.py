@@ -5,8 +5,10 @@ vocabulary covers every question and answer of `tokenzip.synthetic` (plus the ch
 
 * ``llava``: `LlavaForConditionalGeneration`, 192 px images, 16 px patches -> 12x12 = 144 visual tokens (+ CLS in
   the tower, dropped by the 'default' strategy), CLIP tower of 5 layers (features of layer -2), Llama of 8 layers.
-* ``qwen2_5_vl``: `Qwen2_5_VLForConditionalGeneration`, 336 px images, 14 px patches, windowed tower (window 112 px,
-  full attention in blocks 1 and 3), 2x2 merger -> 12x12 = 144 LLM tokens per image, M-RoPE Qwen2 LLM of 8 layers.
+* ``qwen2_5_vl``: `Qwen2_5_VLForConditionalGeneration`, 280 px images, 14 px patches, windowed tower of 4 blocks, 64
+  wide (window 140 px = 2x2 windows per image, full attention in blocks 1 and 3), 2x2 merger -> 10x10 = 100 LLM
+  tokens per image, M-RoPE Qwen2 LLM of 8 layers. The tower sees 400 patches per image; at 336 px (576 patches) and
+  96 wide a vision-phase step took twice as long on 2 cores, too slow to train within 45 minutes.
 * ``llava_onevision``: `LlavaOnevisionForConditionalGeneration`, SigLIP tower on 96 px tiles (16 px patches, 6x6 per
   tile), anyres grid up to 2x2 tiles plus the base image and one newline token per row, Qwen2 LLM of 8 layers.
 """
@@ -18,7 +20,7 @@ from .vocabulary import vocabulary
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 RENDER_SIDE = 336  # synthetic images are rendered at this size (training and the lmms-eval task); processors resize
-IMAGE_SIDE = {"llava": 192, "qwen2_5_vl": 336, "llava_onevision": 192}  # what each model sees
+IMAGE_SIDE = {"llava": 192, "qwen2_5_vl": 280, "llava_onevision": 192}  # what each model sees
 TEXT = dict(
     hidden_size=128,
     intermediate_size=384,
@@ -62,7 +64,7 @@ def build_llava(seed: int = 0):
 
 
 def build_qwen2_5_vl(seed: int = 0):
-    vision = dict(hidden_size=96, intermediate_size=384, num_heads=4, window_size=112, out_hidden_size=128)
+    vision = dict(hidden_size=64, intermediate_size=256, num_heads=4, window_size=140, out_hidden_size=128)
     text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
     vlm = tiny_qwen25vl(
         max_side=IMAGE_SIDE["qwen2_5_vl"],

@@ -16,7 +16,8 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
 
 class StepBudget:
     """How many steps fit in `seconds`: re-estimated every `every` steps from the recent step time (other load on
-    the machine varies), frozen once 80 % of the time is spent so that the cosine schedule can finish."""
+    the machine varies), frozen once 80 % of the time is spent so that the cosine schedule can finish. A budget
+    spent before the first estimate (fewer than `every` steps fit) ends at the step that spends it."""
 
     def __init__(self, seconds: float, max_steps: int, every: int = 20) -> None:
         self.seconds, self.every = seconds, every
@@ -32,7 +33,11 @@ class StepBudget:
     def tick(self, step: int) -> None:
         """Call after step `step` (1-based) has finished."""
         elapsed = self.elapsed
-        if step % self.every or elapsed >= 0.8 * self.seconds:
+        estimated = self._mark[0] > 0
+        if not estimated and elapsed >= self.seconds:
+            self.total = min(self.total, step)
+            return
+        if step % self.every or (estimated and elapsed >= 0.8 * self.seconds):
             return
         done, then = self._mark
         per_step = (elapsed - then) / (step - done) if step > done else elapsed / step

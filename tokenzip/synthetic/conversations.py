@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from .questions import NUMBER_WORDS, Question
 from .scenes import COLORS, SHAPES, Scene
+
+ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
 
 
 def extra_questions(rng: random.Random, scene: Scene) -> list[Question]:
@@ -58,3 +62,12 @@ def messages(questions: list[Question], media: str = "image") -> list[dict]:
         out.append({"role": "user", "content": content})
         out.append({"role": "assistant", "content": [{"type": "text", "text": q.answer}]})
     return out
+
+
+def answer_mask(input_ids: torch.Tensor, marker_id: int) -> torch.Tensor:
+    """[B, S] bool: the answer word (right after the assistant marker) and the end-of-turn token after it."""
+    after_marker = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_marker[:, 1:] = input_ids[:, :-1] == marker_id
+    mask = after_marker.clone()
+    mask[:, 1:] |= after_marker[:, :-1]
+    return mask

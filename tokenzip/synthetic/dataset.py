@@ -17,6 +17,9 @@ from .scenes import COLORS, SHAPES, Scene, random_scene, render
 
 SPLITS = {"train": 60_000, "val": 1_200, "test": 1_200}  # default sizes (multiples of the 6 categories)
 VIDEO_EVENTS = ("color_change", "move", "appear")
+VIDEO_FRAMES = 8  # frames per clip of the lmms-eval video task and of video training (one count: OneVision stacks)
+VIDEO_SIDE = 224  # frames are rendered at this size; processors resize
+VIDEO_TEST = 300  # clips in the video test split (100 per event)
 DIRECTIONS = ("left", "right", "up", "down")
 
 
@@ -57,8 +60,13 @@ class VideoSample:
     scenes: tuple[Scene, ...]  # one per frame
     question: Question
 
-    def frames(self, side: int = 224) -> list[Image.Image]:
-        return [render(s, side) for s in self.scenes]
+    def frames(self, side: int = VIDEO_SIDE) -> list[Image.Image]:
+        """The clip's frames; each distinct scene is rendered once (frames before and after the event share one)."""
+        rendered: dict[int, Image.Image] = {}
+        for scene in self.scenes:
+            if id(scene) not in rendered:
+                rendered[id(scene)] = render(scene, side)
+        return [rendered[id(scene)] for scene in self.scenes]
 
 
 def video_sample(split: str, index: int, seed: int = 0, frames: tuple[int, int] = (4, 8)) -> VideoSample:

@@ -6,9 +6,18 @@ from collections import defaultdict
 
 import torch
 
+from ..frames import processor_inputs
 from .architectures import RENDER_SIDE
 from .conversations import messages
-from .dataset import sample
+from .dataset import VIDEO_FRAMES, VIDEO_TEST, sample, video_sample
+
+
+@torch.no_grad()
+def generate_answers(model, processor, inputs: dict, max_new_tokens: int = 2) -> list[str]:
+    """Greedy answers (first word, lower case) of a left-padded batch of model inputs."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [(t.split() or [""])[0].lower() for t in texts]
 
 
 @torch.no_grad()
@@ -17,9 +26,7 @@ def answers(model, processor, family: str, images: list, questions: list[str], m
     prompts = [processor.apply_chat_template(messages_for(q), add_generation_prompt=True) for q in questions]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [(t.split() or [""])[0].lower() for t in texts]
+    return generate_answers(model, processor, inputs, max_new_tokens)
 
 
 def messages_for(question: str) -> list[dict]:
@@ -51,4 +58,27 @@ def evaluate(
     return report
 
 
-__all__ = ["answers", "evaluate", "messages"]
+def evaluate_video(
+    model, processor, family: str, split: str = "test", n: int = VIDEO_TEST, seed: int = 0, batch_size: int = 16
+) -> dict[str, float]:
+    """Exact-match accuracy on the first `n` clips of `split` (`VIDEO_FRAMES` frames each): overall and per event
+    category (video_color, video_move, video_appear)."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    processor.tokenizer.padding_side = "left"
+    for start in range(0, n, batch_size):
+        clips = [
+            video_sample(split, i, seed, frames=(VIDEO_FRAMES,) * 2) for i in range(start, min(n, start + batch_size))
+        ]
+        prompts = [
+            processor.apply_chat_template(messages([c.question], media="video")[:1], add_generation_prompt=True)
+            for c in clips
+        ]
+        inputs = processor_inputs(processor, model.config, family, prompts, [], [c.frames() for c in clips])
+        for c, a in zip(clips, generate_answers(model, processor, inputs)):
+            hits[c.question.category].append(a == c.question.answer)
+    report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
+    report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return report
+
+
+__all__ = ["answers", "evaluate", "evaluate_video", "generate_answers", "messages"]

@@ -25,16 +25,15 @@ import torch
 from .architectures import FAMILIES, IMAGE_SIDE, RENDER_SIDE, build
 from .attention_teacher import AttentionTeacher
 from .budget import StepBudget, cosine_lr
-from .conversations import extra_questions, messages
-from .dataset import SPLITS, Sample, sample
+from .conversations import ASSISTANT_MARKER, answer_mask, extra_questions, messages
+from .dataset import SPLITS, VIDEO_TEST, Sample, sample
 from .dense import DenseHeads
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_video
 from .probes import ReadoutProbes, probe_targets
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
+from .video_batches import VIDEO_FAMILIES, is_video_step, video_batch
 from .vision_phase import pretrain_vision, tower_parameters
-
-ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
 
 
 @dataclass
@@ -61,20 +60,12 @@ class TrainConfig:
     noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
     probe_weight: float = 1.0  # position and count probes after those two layers (see probes.py); 0 = off
+    video_share: float = 0.0  # share of question-answering steps on video clips (video_batches.py; not for llava)
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 300  # validation samples per periodic evaluation
     threads: int = 2
     log: list = field(default_factory=list)
-
-
-def answer_mask(input_ids: torch.Tensor, marker_id: int) -> torch.Tensor:
-    """[B, S] bool: the answer word (right after the assistant marker) and the end-of-turn token after it."""
-    after_marker = torch.zeros_like(input_ids, dtype=torch.bool)
-    after_marker[:, 1:] = input_ids[:, :-1] == marker_id
-    mask = after_marker.clone()
-    mask[:, 1:] |= after_marker[:, :-1]
-    return mask
 
 
 def easy_sample(index: int, seed: int = 0) -> Sample:
@@ -276,6 +267,11 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     `test_samples` of the test split on the saved copy."""
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown family {cfg.family!r}; choose one of {list(FAMILIES)}")
+    if not 0 <= cfg.video_share < 1 or (cfg.video_share and cfg.family not in VIDEO_FAMILIES):
+        raise ValueError(
+            f"video_share must be in [0, 1) and 0 for {cfg.family!r} (video families: {list(VIDEO_FAMILIES)}), "
+            f"got {cfg.video_share}"
+        )
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, processor = build(cfg.family, cfg.seed)
@@ -328,33 +324,42 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
                 p.requires_grad_(False)  # AdamW skips parameters without gradients
     steps = StepBudget(budget - (time.perf_counter() - start), cfg.max_steps)
     step, seen, losses, dense_losses, attention_losses, probe_losses = 0, 0, [], [], [], []
+    clips_seen, video_losses = 0, []
     while step < steps.total:
-        indices = list(range(seen, seen + cfg.batch_size))
-        seen += cfg.batch_size
-        easy = steps.elapsed < cfg.curriculum * steps.seconds
-        batch = training_batch(processor, cfg.family, indices, cfg, easy=easy)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps.total, cfg.lr, cfg.warmup)
-        loss = loss_on_answers(model, batch)
-        cells = dense_labels(model, cfg.family, batch["scenes"])
-        dense = heads.loss(tap.tokens, cells)
-        total_loss = loss + cfg.dense_weight * dense
-        if supervise:
-            hops = attention_targets(model, cfg.family, batch, marker_id, noun_ids)
-            terms = [teacher.loss(*hop) for teacher, hop in zip(teachers, hops) if hop[0].numel()]
-            attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
-            total_loss = total_loss + cfg.attention_weight * attention
-            attention_losses.append(attention.item())
-        if probes is not None:
-            probe = probes.loss(probe_targets(named_turns(batch, marker_id, noun_ids)))
-            total_loss = total_loss + cfg.probe_weight * probe
-            probe_losses.append(probe.item())
+        if is_video_step(step, cfg.video_share):
+            clip_indices = list(range(clips_seen, clips_seen + cfg.batch_size))
+            clips_seen += cfg.batch_size
+            total_loss = loss_on_answers(
+                model, video_batch(processor, model.config, cfg.family, clip_indices, cfg.seed)
+            )
+            video_losses.append(total_loss.item())
+        else:
+            indices = list(range(seen, seen + cfg.batch_size))
+            seen += cfg.batch_size
+            easy = steps.elapsed < cfg.curriculum * steps.seconds
+            batch = training_batch(processor, cfg.family, indices, cfg, easy=easy)
+            loss = loss_on_answers(model, batch)
+            cells = dense_labels(model, cfg.family, batch["scenes"])
+            dense = heads.loss(tap.tokens, cells)
+            total_loss = loss + cfg.dense_weight * dense
+            if supervise:
+                hops = attention_targets(model, cfg.family, batch, marker_id, noun_ids)
+                terms = [teacher.loss(*hop) for teacher, hop in zip(teachers, hops) if hop[0].numel()]
+                attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
+                total_loss = total_loss + cfg.attention_weight * attention
+                attention_losses.append(attention.item())
+            if probes is not None:
+                probe = probes.loss(probe_targets(named_turns(batch, marker_id, noun_ids)))
+                total_loss = total_loss + cfg.probe_weight * probe
+                probe_losses.append(probe.item())
+            losses.append(loss.item())
+            dense_losses.append(dense.item())
         opt.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params if p.requires_grad], 1.0)
         opt.step()
-        losses.append(loss.item())
-        dense_losses.append(dense.item())
         step += 1
         steps.tick(step)
         elapsed = time.perf_counter() - start
@@ -366,6 +371,8 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             pro = sum(probe_losses[-25:]) / max(1, len(probe_losses[-25:]))
             print(f"step {step}/{steps.total} loss {recent:.4f} dense {aux:.4f} attention {att:.3f}", end="")
             print(f" probes {pro:.3f}", end="")
+            if video_losses:
+                print(f" video {sum(video_losses[-10:]) / len(video_losses[-10:]):.4f}", end="")
             print(f" lr {rate:.2e} {elapsed / 60:.1f} min", flush=True)
         if cfg.eval_samples and (step % cfg.eval_every == 0 or step == steps.total):
             model.eval()
@@ -386,6 +393,8 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         "dense_losses": [round(x, 4) for x in dense_losses],
         "attention_losses": [round(x, 4) for x in attention_losses],
         "probe_losses": [round(x, 4) for x in probe_losses],
+        "video_losses": [round(x, 4) for x in video_losses],
+        "video_steps": len(video_losses),
         "vision_phase": vision_log,
         "command": "python -m tokenzip.synthetic.train " + " ".join(sys.argv[1:]) if sys.argv else "",
         "config": asdict(cfg),
@@ -415,7 +424,8 @@ def save(model, processor, out: Path, report: dict, test_samples: int = SPLITS["
 
 def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
     """Reload the saved model as float32 (what users load), answer the first `test_samples` questions of the test
-    split and store the accuracy per category and every answer in `out/training.json`; returns the report."""
+    split (and, for a model trained on video, the first of the video test clips) and store the accuracy per category
+    and every answer in `out/training.json`; returns the report."""
     from ..loading import load_vlm
 
     report = json.loads((out / "training.json").read_text())
@@ -426,6 +436,9 @@ def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
     report["test_accuracy"] = evaluate(loaded, loaded_processor, family, "test", test_samples, record=got)
     report["test_answers"] = got
     report["test_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    if report["config"].get("video_share"):
+        video = min(VIDEO_TEST, test_samples)
+        report["video_test_accuracy"] = evaluate_video(loaded, loaded_processor, family, "test", video)
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -445,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
     ap.add_argument("--vision-share", type=float, default=TrainConfig.vision_share)
     ap.add_argument("--tower-trainable-layers", type=int, default=TrainConfig.tower_trainable_layers)
+    ap.add_argument("--video-share", type=float, default=TrainConfig.video_share)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -458,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         max_steps=a.max_steps,
         vision_share=a.vision_share,
         tower_trainable_layers=a.tower_trainable_layers,
+        video_share=a.video_share,
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
