@@ -273,6 +273,16 @@ def test_video_steps_alternate_with_image_steps_and_are_measured(tmp_path, famil
     assert report["steps"] == 4 and report["video_steps"] == 2 and len(report["losses"]) == 2
     assert all(torch.isfinite(torch.tensor(report["video_losses"])))
     assert set(report["video_test_accuracy"]) == {"video_color", "video_move", "video_appear", "all"}
+    from tokenzip.synthetic import VIDEO_FRAMES, video_sample
+    from tokenzip.synthetic.evaluate import evaluate_video
+
+    answers = report["video_test_answers"]
+    hits = [a == video_sample("test", i, frames=(VIDEO_FRAMES,) * 2).question.answer for i, a in enumerate(answers)]
+    assert len(answers) == 4 and report["video_test_accuracy"]["all"] == pytest.approx(sum(hits) / 4)
+    loaded, loaded_processor = load_vlm(tmp_path, dtype="float32")
+    got: list[str] = []
+    evaluate_video(loaded, loaded_processor, family, "test", 4, record=got)
+    assert got == answers  # the recorded answers are what the saved model gives
 
 
 def test_video_batch_labels_the_clip_answer():

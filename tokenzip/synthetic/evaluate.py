@@ -59,10 +59,17 @@ def evaluate(
 
 
 def evaluate_video(
-    model, processor, family: str, split: str = "test", n: int = VIDEO_TEST, seed: int = 0, batch_size: int = 16
+    model,
+    processor,
+    family: str,
+    split: str = "test",
+    n: int = VIDEO_TEST,
+    seed: int = 0,
+    batch_size: int = 16,
+    record: list[str] | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy on the first `n` clips of `split` (`VIDEO_FRAMES` frames each): overall and per event
-    category (video_color, video_move, video_appear)."""
+    category (video_color, video_move, video_appear). The answers, in clip order, are appended to `record`."""
     hits: dict[str, list[bool]] = defaultdict(list)
     processor.tokenizer.padding_side = "left"
     for start in range(0, n, batch_size):
@@ -74,7 +81,10 @@ def evaluate_video(
             for c in clips
         ]
         inputs = processor_inputs(processor, model.config, family, prompts, [], [c.frames() for c in clips])
-        for c, a in zip(clips, generate_answers(model, processor, inputs)):
+        got = generate_answers(model, processor, inputs)
+        if record is not None:
+            record.extend(got)
+        for c, a in zip(clips, got):
             hits[c.question.category].append(a == c.question.answer)
     report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
     report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())

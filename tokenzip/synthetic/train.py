@@ -438,7 +438,9 @@ def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
     report["test_minutes"] = round((time.perf_counter() - start) / 60, 2)
     if report["config"].get("video_share"):
         video = min(VIDEO_TEST, test_samples)
-        report["video_test_accuracy"] = evaluate_video(loaded, loaded_processor, family, "test", video)
+        clips: list[str] = []
+        report["video_test_accuracy"] = evaluate_video(loaded, loaded_processor, family, "test", video, record=clips)
+        report["video_test_answers"] = clips
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
