@@ -102,3 +102,8 @@ def test_expand_placeholders_counts():
     assert expand_placeholders("a<v>b<v>c", "<v>", iter([2, 1])) == "a<v><v>b<v>c"
     with pytest.raises(ValueError, match="more <v> placeholders"):
         expand_placeholders("<v><v>", "<v>", iter([1]))
+
+
+def test_qwen_refuses_frames_of_different_sizes(qwen):
+    with pytest.raises(ValueError, match="share one size"):
+        video_inputs(qwen.processor, qwen.model.config, "qwen2_5_vl", [[frame(0, 112), frame(1, 56)]])

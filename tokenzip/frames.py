@@ -57,7 +57,10 @@ def _qwen_video(processor, config, videos, fps: float) -> VideoInputs:
         frames = list(frames)
         frames += frames[-1:] * (-len(frames) % tp)  # pad to whole temporal patches with the last frame
         out = processor.image_processor([f.convert("RGB") for f in frames], return_tensors="pt")
-        ((_, h, w),) = {tuple(g.tolist()) for g in out["image_grid_thw"]}  # every frame has the same size
+        sizes = {tuple(g.tolist()) for g in out["image_grid_thw"]}
+        if len(sizes) > 1:
+            raise ValueError(f"the frames of one video must share one size; their patch grids are {sorted(sizes)}")
+        ((_, h, w),) = sizes
         # [F, h*w, C, tp, ps, ps]: each frame's patches, its pixels repeated over the temporal slots
         patches = out["pixel_values"].view(len(frames), h * w, 3, tp, ps, ps)
         t = len(frames) // tp

@@ -45,17 +45,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Exact-match accuracy of the first `n` samples of `split`: overall and per category. The answers, in sample
     order, are appended to `record` when given."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for start in range(0, n, batch_size):
-        batch = [sample(split, i, seed) for i in range(start, min(n, start + batch_size))]
-        got = answers(model, processor, family, [s.image(RENDER_SIDE) for s in batch], [s.question.text for s in batch])
-        if record is not None:
-            record.extend(got)
-        for s, a in zip(batch, got):
-            hits[s.question.category].append(a == s.question.answer)
-    report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
-    report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
-    return report
+
+    def answer(batch: list) -> list[str]:
+        images = [s.image(RENDER_SIDE) for s in batch]
+        return answers(model, processor, family, images, [s.question.text for s in batch])
+
+    return _scored(lambda i: sample(split, i, seed), answer, n, batch_size, record)
 
 
 def evaluate_video(
@@ -70,22 +65,30 @@ def evaluate_video(
 ) -> dict[str, float]:
     """Exact-match accuracy on the first `n` clips of `split` (`VIDEO_FRAMES` frames each): overall and per event
     category (video_color, video_move, video_appear). The answers, in clip order, are appended to `record`."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    processor.tokenizer.padding_side = "left"
-    for start in range(0, n, batch_size):
-        clips = [
-            video_sample(split, i, seed, frames=(VIDEO_FRAMES,) * 2) for i in range(start, min(n, start + batch_size))
-        ]
+
+    def answer(clips: list) -> list[str]:
         prompts = [
             processor.apply_chat_template(messages([c.question], media="video")[:1], add_generation_prompt=True)
             for c in clips
         ]
+        processor.tokenizer.padding_side = "left"
         inputs = processor_inputs(processor, model.config, family, prompts, [], [c.frames() for c in clips])
-        got = generate_answers(model, processor, inputs)
+        return generate_answers(model, processor, inputs)
+
+    return _scored(lambda i: video_sample(split, i, seed, frames=(VIDEO_FRAMES,) * 2), answer, n, batch_size, record)
+
+
+def _scored(item, answer, n: int, batch_size: int, record: list[str] | None) -> dict[str, float]:
+    """Exact-match accuracy of `answer(batch)` on `item(0..n-1)` (anything with a `.question`), batch by batch:
+    per question category and overall; answers in item order are appended to `record` when given."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, n, batch_size):
+        batch = [item(i) for i in range(start, min(n, start + batch_size))]
+        got = answer(batch)
         if record is not None:
             record.extend(got)
-        for c, a in zip(clips, got):
-            hits[c.question.category].append(a == c.question.answer)
+        for x, a in zip(batch, got):
+            hits[x.question.category].append(a == x.question.answer)
     report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
     report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return report
