@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
-from ..frames import processor_inputs
+from ..frames import VIDEO_TOKEN, processor_inputs
 from .conversations import ASSISTANT_MARKER, answer_mask, messages
 from .dataset import SPLITS, VIDEO_FRAMES, video_sample
 
-VIDEO_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+VIDEO_FAMILIES = tuple(VIDEO_TOKEN)  # the families that take video inputs
 
 
 def is_video_step(step: int, share: float) -> bool:
