@@ -300,3 +300,87 @@ def test_video_batch_labels_the_clip_answer():
     assert [is_video_step(s, 0.25) for s in range(8)] == [False, False, False, True] * 2
     with pytest.raises(ValueError, match="video_share"):
         train(TrainConfig(family="llava", video_share=0.2), verbose=False)
+
+
+def test_glyph_weight_scales_the_glyph_heads_share_of_the_dense_gradient():
+    """With glyph weight w the glyph head's gradient is w * 6 / (5 + w) times that of the unweighted loss, every
+    other head's 6 / (5 + w) times: the weight moves gradient towards the glyph, the loss stays a weighted mean."""
+    from tokenzip.synthetic.dense import DenseHeads, cell_labels
+
+    labels = torch.cat([cell_labels(sample("train", i).scene, 12, 12) for i in range(4)], dim=1)
+    tokens = torch.randn(labels.shape[1], 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    plain = DenseHeads(16)
+    weighted = DenseHeads(16, glyph_weight=3.0)
+    weighted.load_state_dict(plain.state_dict())
+    plain.loss(tokens, labels).backward()
+    weighted.loss(tokens, labels).backward()
+    for name, head in zip(DenseHeads.NAMES, weighted.heads()):
+        scale = 3.0 * 6 / 8 if name == "glyph" else 6 / 8
+        assert torch.allclose(head.weight.grad, scale * getattr(plain, name).weight.grad, atol=1e-6), name
+    assert torch.allclose(weighted.x.weight.grad, 6 / 8 * plain.x.weight.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="glyph_weight must be > 0"):
+        DenseHeads(16, glyph_weight=0)
+
+
+def test_negative_vision_batch_size_is_refused():
+    with pytest.raises(ValueError, match="vision_batch_size must be >= 0"):
+        train(TrainConfig(family="llava", vision_batch_size=-1), verbose=False)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_visual_grids_hold_the_cells_the_dense_labels_describe(family):
+    """Each cell's colour label, written into the projector output in `dense_labels` order, comes back out of the
+    LLM input at the position `visual_grids` gives that cell (OneVision: base grid first, then the packed 2x2
+    tiles with a newline after every row)."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.dense import cell_labels
+    from tokenzip.synthetic.train import dense_labels, visual_grids
+
+    model, processor = build(family)
+    batch = training_batch(processor, family, list(range(3)), TrainConfig(family=family))
+    colour = dense_labels(model, family, batch["scenes"])[0].float()
+
+    def write_labels(module, args, out):
+        flat = torch.zeros_like(out.reshape(-1, out.shape[-1]))
+        flat[:, 0] = colour
+        return flat.view_as(out)
+
+    seen = {}
+    hooks = [
+        model.model.multi_modal_projector.register_forward_hook(write_labels),
+        model.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+        ),
+    ]
+    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    for b, scene in enumerate(batch["scenes"]):
+        grids = visual_grids(model, family, batch["input_ids"][b])
+        assert len(grids) == (2 if family == "llava_onevision" else 1)
+        for positions, rows, cols in grids:
+            got = seen["embeds"][b, positions, 0].round().long()
+            assert torch.equal(got, cell_labels(scene, rows, cols)[0])
+            assert got.unique().numel() > 1  # the scene's objects are there, not only background
+
+
+def test_onevision_tiles_are_labelled_with_bands_inside_the_tile():
+    """SigLIP encodes each tile alone, so a tile token's column band is measured across its tile (the same bands
+    as a whole-image grid of that size); the base grid keeps whole-image bands. Object labels stay where they are."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.dense import cell_labels
+    from tokenzip.synthetic.train import dense_labels
+
+    model, _ = build("llava_onevision")
+    scene = sample("train", 5).scene
+    labels = dense_labels(model, "llava_onevision", [scene]).view(5, 5, 36)  # base + 4 tiles of 6x6
+    whole = cell_labels(scene, 6, 6)
+    assert torch.equal(labels[3, 0], whole[3])
+    for tile in range(1, 5):
+        assert torch.equal(labels[3, tile], whole[3])  # bands 1..12 across the tile, as across a 6x6 image
+    right_top = cell_labels(scene, 6, 6, (0.5, 0, 1, 0.5))
+    assert torch.equal(labels[[0, 1, 2, 4], 2], right_top[[0, 1, 2, 4]])
+    assert (right_top[3] > 6).all()  # whole-image bands of the right half, which its tokens cannot know

@@ -36,12 +36,21 @@ def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Te
     return dx.abs() + dy.abs() <= r  # diamond
 
 
-def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, float, float] = (0, 0, 1, 1)):
+def cell_labels(
+    scene: Scene,
+    rows: int,
+    cols: int,
+    box: tuple[float, float, float, float] = (0, 0, 1, 1),
+    local_bands: bool = False,
+):
     """[5, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, the cell's column
     band (1..COLUMN_BANDS, every cell has one) and, on the one cell holding an object's centre, that object's shape
     class (0 elsewhere), raster order.
 
-    `box` = (x0, y0, x1, y1) is the part of the image the grid covers (a tile of an anyres image).
+    `box` = (x0, y0, x1, y1) is the part of the image the grid covers (a tile of an anyres image). With
+    `local_bands` the column band is measured across the box instead of the whole image: a tower that encodes each
+    tile on its own (OneVision's) cannot know where its tile sits, so only the band inside the tile is learnable
+    there; the LLM sees which tile a token belongs to from its place in the sequence.
     """
     x0, y0, x1, y1 = box
     ys = y0 + (torch.arange(rows, dtype=torch.float64) + 0.5) * (y1 - y0) / rows
@@ -60,7 +69,8 @@ def cell_labels(scene: Scene, rows: int, cols: int, box: tuple[float, float, flo
         glyph[hit] = GLYPHS.index(g.char) + 1
         color[hit] = 0
         shape[hit] = 0
-    band = (x * COLUMN_BANDS).long().clamp(0, COLUMN_BANDS - 1) + 1
+    across = ((torch.arange(cols, dtype=torch.float64) + 0.5) / cols).expand(rows, cols) if local_bands else x
+    band = (across * COLUMN_BANDS).long().clamp(0, COLUMN_BANDS - 1) + 1
     centre = torch.zeros(rows, cols, dtype=torch.long)
     for obj in scene.objects:  # the one cell holding each object's centre (what counting can attend to)
         r, c = math.floor((obj.y - y0) / (y1 - y0) * rows), math.floor((obj.x - x0) / (x1 - x0) * cols)
@@ -81,8 +91,11 @@ class DenseHeads(torch.nn.Module):
 
     NAMES = ("color", "shape", "glyph", "column", "centre")
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, glyph_weight: float = 1.0) -> None:
         super().__init__()
+        if glyph_weight <= 0:
+            raise ValueError(f"glyph_weight must be > 0, got {glyph_weight}")
+        self.glyph_weight = glyph_weight  # the glyph head's share of the loss, relative to each other head's 1
         self.color = torch.nn.Linear(dim, COLOR_CLASSES)
         self.shape = torch.nn.Linear(dim, SHAPE_CLASSES)
         self.glyph = torch.nn.Linear(dim, GLYPH_CLASSES)
@@ -94,19 +107,21 @@ class DenseHeads(torch.nn.Module):
         return tuple(getattr(self, name) for name in self.NAMES)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """tokens [N, D], labels [5, N] -> mean of the cross-entropies, each balanced so that the few cells on
-        an object (or on the glyph) weigh as much as the background: averaged over all cells, the background
-        dominates and the heads learn colour (trivial) but never shape or glyph identity."""
+        """tokens [N, D], labels [5, N] -> weighted mean of the cross-entropies and the position regression,
+        each cross-entropy balanced so that the few cells on an object (or on the glyph) weigh as much as the
+        background: averaged over all cells, the background dominates and the heads learn colour (trivial) but
+        never shape or glyph identity. The glyph term weighs `glyph_weight`, every other term 1."""
         total = tokens.new_zeros(())
-        for head, target in zip(self.heads(), labels):
+        for name, head, target in zip(self.NAMES, self.heads(), labels):
             logits = head(tokens)
             on = target > 0
             ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
             object_part = ce[on].mean() if on.any() else ce.new_zeros(())
             background_part = ce[~on].mean() if (~on).any() else ce.new_zeros(())
-            total = total + object_part + background_part
+            weight = self.glyph_weight if name == "glyph" else 1.0
+            total = total + weight * (object_part + background_part)
         x = torch.nn.functional.mse_loss(self.x(tokens).squeeze(-1), band_x(labels[3]))
-        return (total + x) / (len(self.NAMES) + 1)
+        return (total + x) / (len(self.NAMES) + self.glyph_weight)
 
     @torch.no_grad()
     def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -43,6 +43,9 @@ class TrainConfig:
     vision_share: float = 0.5  # share of the budget for the vision-only phase (see vision_phase.py); 0 = skip it
     vision_max_steps: int = 100_000
     vision_lr: float = 2e-3
+    vision_batch_size: int = 0  # images per vision-phase step; 0 = `batch_size` (a smaller batch buys more steps,
+    # which is what the slow-to-start glyph head needs)
+    glyph_weight: float = 1.0  # weight of the glyph head in the dense loss (each other head weighs 1; dense.py)
     max_steps: int = 100_000  # question-answering phase
     batch_size: int = 32
     extra_turns: int = 10  # extra questions per image after the sample's own (at most)
@@ -251,8 +254,11 @@ def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
         cfg = model.config.vision_config
         grid = cfg.image_size // cfg.patch_size
         halves = [(0, 0, 0.5, 0.5), (0.5, 0, 1, 0.5), (0, 0.5, 0.5, 1), (0.5, 0.5, 1, 1)]  # 2x2 tiles, raster order
-        boxes = [(0, 0, 1, 1), *halves]  # the base image first
-        return torch.cat([cell_labels(sc, grid, grid, box) for sc in scenes for box in boxes], dim=1)
+        boxes = [(0, 0, 1, 1), *halves]  # the base image first; tiles get bands within the tile (`cell_labels`)
+        return torch.cat(
+            [cell_labels(sc, grid, grid, box, local_bands=k > 0) for sc in scenes for k, box in enumerate(boxes)],
+            dim=1,
+        )
     if family == "qwen2_5_vl":
         cfg = model.config.vision_config
         grid = IMAGE_SIDE[family] // (cfg.patch_size * cfg.spatial_merge_size)
@@ -272,11 +278,13 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             f"video_share must be in [0, 1) and 0 for {cfg.family!r} (video families: {list(VIDEO_FAMILIES)}), "
             f"got {cfg.video_share}"
         )
+    if cfg.vision_batch_size < 0:
+        raise ValueError(f"vision_batch_size must be >= 0 (0 = batch_size), got {cfg.vision_batch_size}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, processor = build(cfg.family, cfg.seed)
     model.train()
-    heads = DenseHeads(model.config.get_text_config().hidden_size)
+    heads = DenseHeads(model.config.get_text_config().hidden_size, cfg.glyph_weight)
     tap = VisualTap(model, cfg.family)
     supervise = bool(cfg.attention_weight)
     teachers = (
@@ -313,7 +321,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             lambda scenes: dense_labels(model, cfg.family, scenes),
             cfg.vision_share * budget,
             max_steps=cfg.vision_max_steps,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.vision_batch_size or cfg.batch_size,
             lr=cfg.vision_lr,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,
@@ -462,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tower-trainable-layers", type=int, default=TrainConfig.tower_trainable_layers)
     ap.add_argument("--video-share", type=float, default=TrainConfig.video_share)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--vision-batch-size", type=int, default=TrainConfig.vision_batch_size, help="0 = --batch-size")
+    ap.add_argument("--glyph-weight", type=float, default=TrainConfig.glyph_weight)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
@@ -476,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         tower_trainable_layers=a.tower_trainable_layers,
         video_share=a.video_share,
         batch_size=a.batch_size,
+        vision_batch_size=a.vision_batch_size,
+        glyph_weight=a.glyph_weight,
         lr=a.lr,
         seed=a.seed,
         eval_every=a.eval_every,
