@@ -157,7 +157,7 @@ def test_attention_targets_point_at_the_named_objects(family):
     cfg = TrainConfig(family=family)
     batch = training_batch(processor, family, list(range(6)), cfg)
     marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
-    (nq, nk), (aq, ak), (pq, pk) = attention_targets(
+    [(nq, nk)], (aq, ak), (pq, pk) = attention_targets(
         model, family, batch, marker, attribute_word_ids(processor.tokenizer)
     )
     ids = batch["input_ids"]
@@ -190,6 +190,44 @@ def test_attention_targets_point_at_the_named_objects(family):
         else:
             assert not (keys & ~image[b]).any()  # nouns look at visual tokens only
             assert int(keys.sum()) >= len(grids[b])
+
+
+def test_grid_heads_split_the_noun_targets_by_grid():
+    """With `per_grid`, OneVision's noun hop becomes one target per grid (base, packed): same queries, keys inside
+    that grid (plus the count sink), and together exactly the all-grid keys."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.train import GRID_COUNT, attention_targets, attribute_word_ids, visual_grids
+
+    family = "llava_onevision"
+    model, processor = build(family)
+    batch = training_batch(processor, family, list(range(6)), TrainConfig(family=family))
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    nouns = attribute_word_ids(processor.tokenizer)
+    [(q, joint)], *answers = attention_targets(model, family, batch, marker, nouns)
+    split, *split_answers = attention_targets(model, family, batch, marker, nouns, per_grid=True)
+    assert len(split) == GRID_COUNT[family] == len(visual_grids(model, family, batch["input_ids"][0])) == 2
+    for (a, ak), (b, bk) in zip(answers, split_answers, strict=True):
+        assert torch.equal(a, b) and torch.equal(ak, bk)
+    sinks = torch.zeros_like(joint)
+    sinks[:, 0] = True
+    for g, (queries, keys) in enumerate(split):
+        assert torch.equal(queries, q)
+        inside = torch.zeros_like(keys)
+        for row, (b, _) in enumerate(q.tolist()):
+            inside[row, visual_grids(model, family, batch["input_ids"][b])[g][0]] = True
+        assert not (keys & ~inside & ~sinks).any()
+        assert (keys & inside).any(1).float().mean() > 0.5  # most phrases have cells in every grid
+    assert torch.equal(split[0][1] | split[1][1], joint)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grid_count_matches_the_grids_of_a_training_image(family):
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.train import GRID_COUNT, visual_grids
+
+    model, processor = build(family)
+    batch = training_batch(processor, family, [0], TrainConfig(family=family))
+    assert len(visual_grids(model, family, batch["input_ids"][0])) == GRID_COUNT[family]
 
 
 def test_band_x_is_the_scaled_centre_of_each_grid_column():
@@ -261,6 +299,71 @@ def test_position_probes_read_the_named_decoder_layers():
     probes.remove()
     layers = model.model.language_model.layers
     assert not any(tap.handle.id in layer._forward_hooks for tap in probes._taps for layer in layers)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_answer_word_targets_cover_every_turn_and_one_phrase_naming_words(family):
+    """Every assistant turn is an answer-word row with its answer's token id; the naming word of a one-phrase
+    question (not a position question) is a noun row with the same id."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.probes import probe_targets
+    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+
+    _, processor = build(family)
+    batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    turns = list(named_turns(batch, marker, attribute_word_ids(processor.tokenizer)))
+    targets = probe_targets(turns, processor.tokenizer.convert_tokens_to_ids)
+    ids = batch["input_ids"]
+    assert targets.word_answer_rows.tolist() == (ids == marker).nonzero().tolist()
+    labels = batch["labels"]  # the answer word is the labelled token right after the marker
+    answer_ids = labels[targets.word_answer_rows[:, 0], targets.word_answer_rows[:, 1] + 1]
+    assert targets.word_answer_ids.tolist() == answer_ids.tolist()
+    categories = [q.category for _, _, q, _, _ in turns]
+    expected = [(b, ends[0]) for b, _, q, ends, _ in turns if q.category != "position" and ends]
+    assert len(expected) > 0 and {"color", "shape", "ocr"} <= set(categories)
+    assert targets.word_noun_rows.tolist() == [list(r) for r in expected]
+    by_row = dict(zip(map(tuple, targets.word_answer_rows.tolist()), targets.word_answer_ids.tolist()))
+    nouns = [by_row[(b, pos)] for b, pos, q, ends, _ in turns if q.category != "position" and ends]
+    assert targets.word_noun_ids.tolist() == nouns
+    assert probe_targets(turns).word_answer_rows.shape == (0, 2)  # without answer ids, no word targets
+
+
+def test_answer_word_probes_classify_the_named_decoder_layers():
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
+
+    model, processor = build("llava")
+    model.eval()
+    batch = training_batch(processor, "llava", [0, 1], TrainConfig())
+    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    vocab = model.config.get_text_config().vocab_size
+    probes = ReadoutProbes(model, noun_layer=1, answer_layer=3, answer_words=vocab)
+    rows, other = torch.tensor([[0, 5], [1, 9]]), torch.tensor([[1, 7]])
+    none = torch.zeros(0, 2, dtype=torch.long)
+    nothing = torch.zeros(0)
+    targets = ProbeTargets(
+        none, nothing, none, nothing, none, none, nothing, rows, torch.tensor([3, 8]), other, torch.tensor([11])
+    )
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # [k + 1] = output of decoder layer k
+        got = probes.word_loss(targets)
+        regressions = probes.loss(targets)
+        noun = probes.noun_word(hidden[2][rows[:, 0], rows[:, 1]])
+        answer = probes.answer_word(hidden[4][other[:, 0], other[:, 1]])
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(got, ce(noun, targets.word_noun_ids) + ce(answer, targets.word_answer_ids), atol=1e-5)
+    assert regressions.item() == 0.0  # no regression rows: the word rows feed only the classifiers
+    plain = ReadoutProbes(model, noun_layer=1, answer_layer=3)
+    with pytest.raises(ValueError, match="answer_words=0"):
+        plain.word_loss(targets)
+    probes.remove()
+    plain.remove()
+
+
+def test_negative_answer_probe_weight_is_refused():
+    with pytest.raises(ValueError, match="probe weights must be >= 0"):
+        train(TrainConfig(family="llava", answer_probe_weight=-1.0), verbose=False)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])

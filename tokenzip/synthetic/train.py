@@ -61,8 +61,10 @@ class TrainConfig:
     dense_weight: float = 1.0  # auxiliary per-cell colour / shape / glyph loss on the visual tokens (see dense.py)
     attention_weight: float = 1.0  # attention supervision of two heads (see attention_teacher.py); 0 = off
     noun_layer: int = 1  # 0-based decoder layer whose head 0 learns noun -> object
+    grid_heads: bool = False  # noun -> object in one head per grid (head g: grid g; OneVision: base, packed)
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
     probe_weight: float = 1.0  # position and count probes after those two layers (see probes.py); 0 = off
+    answer_probe_weight: float = 0.0  # answer-word classifiers on the naming word and the answer token (probes.py)
     video_share: float = 0.0  # share of question-answering steps on video clips (video_batches.py; not for llava)
     seed: int = 0
     eval_every: int = 250
@@ -160,6 +162,9 @@ def named_objects(scene, question) -> list[list]:
     return [[o for o in scene.objects if (o.color, o.shape) == pair] for pair in (first, second)]
 
 
+GRID_COUNT = {"llava": 1, "qwen2_5_vl": 1, "llava_onevision": 2}  # grids per training image (`visual_grids`)
+
+
 def visual_grids(model, family: str, row_ids: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
     """The grids of one sample's image as they sit in its LLM input: (sequence positions [rows * cols] in raster
     order, rows, cols) per grid. LLaVA: one patch grid; Qwen2.5-VL: one merged grid; OneVision: the base grid,
@@ -198,12 +203,15 @@ def named_turns(batch: dict, marker_id: int, noun_ids: set[int]):
             yield b, pos, question, ends, phrases
 
 
-def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids: set[int]):
+def attention_targets(
+    model, family: str, batch: dict, marker_id: int, noun_ids: set[int], per_grid: bool = False
+) -> tuple[list, tuple, tuple]:
     """Targets of the supervised hops, per assistant turn whose question names something visible:
 
     * noun -> object: the last naming word of each phrase (the shape in "What color is the square ?", "box" for
       the glyph, both shapes of a position question) should attend to the visual tokens covering the object(s)
-      that phrase names (in every grid of the image);
+      that phrase names, in every grid of the image at once, or with `per_grid` one target per grid (one head
+      each);
     * answer -> first noun: the token that predicts the answer should attend to that word (the only one, or the
       first object of a position question);
     * answer -> second noun (position questions), in another head: the two objects reach the answer side by side
@@ -213,14 +221,17 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
     first token of the sequence, a sink: the share of the mass left on the sink says how many (with no object to
     count, the sink alone is the target).
 
-    Returns three (queries [M, 2], keys [M, S]) pairs in that order; queries are (sample, position) rows.
+    Returns (noun hops, answer -> first noun, answer -> second noun): (queries [M, 2], keys [M, S]) pairs, queries
+    being (sample, position) rows; the noun hops are a list of one pair, or of one pair per grid with `per_grid`
+    (same queries, keys of grid g only, plus the sink for counting).
     """
     from .dense import centre_cells, object_cells
 
     ids = batch["input_ids"]
     width = ids.shape[1]
-    hops: tuple[list, list, list] = ([], [], [])  # per hop: (query row, key mask) pairs
     grids = [visual_grids(model, family, row) for row in ids]
+    heads = len(grids[0]) if per_grid else 1
+    hops: list[list] = [[] for _ in range(heads + 2)]  # per hop: (query row, key mask) pairs; nouns first
     mask = batch.get("attention_mask", torch.ones_like(ids))
     sinks = mask.long().argmax(1)  # first attended position of each sample
     for b, pos, question, ends, phrases in named_turns(batch, marker_id, noun_ids):
@@ -228,22 +239,23 @@ def attention_targets(model, family: str, batch: dict, marker_id: int, noun_ids:
         for k, (noun, things) in enumerate(zip(ends, phrases)):
             if not things and not counting:
                 continue
-            keys = torch.zeros(width, dtype=torch.bool)
             cells = centre_cells if counting else object_cells
-            for positions, rows, cols in grids[b]:
-                keys[positions[cells(things, rows, cols)]] = True
+            keys = torch.zeros(heads, width, dtype=torch.bool)
+            for g, (positions, rows, cols) in enumerate(grids[b]):
+                keys[g if per_grid else 0, positions[cells(things, rows, cols)]] = True
             if counting:
-                keys[sinks[b]] = True
-            hops[0].append(((b, noun), keys))
+                keys[:, sinks[b]] = True
+            for head in range(heads):
+                hops[head].append(((b, noun), keys[head]))
             word = torch.zeros(width, dtype=torch.bool)
             word[noun] = True
-            hops[1 + k].append(((b, pos), word))
+            hops[heads + k].append(((b, pos), word))
     out = []
     for pairs in hops:
         queries = torch.tensor([q for q, _ in pairs], dtype=torch.long).reshape(-1, 2)
         keys = torch.stack([k for _, k in pairs]) if pairs else torch.zeros(0, width, dtype=torch.bool)
         out.append((queries, keys))
-    return tuple(out)
+    return out[:heads], out[heads], out[heads + 1]
 
 
 def dense_labels(model, family: str, scenes: list) -> torch.Tensor:
@@ -287,16 +299,22 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     heads = DenseHeads(model.config.get_text_config().hidden_size, cfg.glyph_weight)
     tap = VisualTap(model, cfg.family)
     supervise = bool(cfg.attention_weight)
+    noun_heads = GRID_COUNT[cfg.family] if cfg.grid_heads else 1
     teachers = (
         (
-            AttentionTeacher(model, cfg.noun_layer),
+            *(AttentionTeacher(model, cfg.noun_layer, head=h) for h in range(noun_heads)),
             AttentionTeacher(model, cfg.answer_layer),
             AttentionTeacher(model, cfg.answer_layer, head=1),
         )
         if supervise
         else ()
     )
-    probes = ReadoutProbes(model, cfg.noun_layer, cfg.answer_layer) if cfg.probe_weight else None
+    if cfg.answer_probe_weight < 0 or cfg.probe_weight < 0:
+        raise ValueError(f"probe weights must be >= 0, got {cfg.probe_weight} and {cfg.answer_probe_weight}")
+    words = model.config.get_text_config().vocab_size if cfg.answer_probe_weight else 0
+    probed = cfg.probe_weight or cfg.answer_probe_weight
+    probes = ReadoutProbes(model, cfg.noun_layer, cfg.answer_layer, answer_words=words) if probed else None
+    answer_id = processor.tokenizer.convert_tokens_to_ids if words else None
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
@@ -353,14 +371,18 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             dense = heads.loss(tap.tokens, cells)
             total_loss = loss + cfg.dense_weight * dense
             if supervise:
-                hops = attention_targets(model, cfg.family, batch, marker_id, noun_ids)
-                terms = [teacher.loss(*hop) for teacher, hop in zip(teachers, hops) if hop[0].numel()]
+                nouns, *answers = attention_targets(model, cfg.family, batch, marker_id, noun_ids, cfg.grid_heads)
+                hops = [*nouns, *answers]
+                terms = [teacher.loss(*hop) for teacher, hop in zip(teachers, hops, strict=True) if hop[0].numel()]
                 attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
                 total_loss = total_loss + cfg.attention_weight * attention
                 attention_losses.append(attention.item())
             if probes is not None:
-                probe = probes.loss(probe_targets(named_turns(batch, marker_id, noun_ids)))
-                total_loss = total_loss + cfg.probe_weight * probe
+                targets = probe_targets(named_turns(batch, marker_id, noun_ids), answer_id)
+                probe = cfg.probe_weight * probes.loss(targets)
+                if words:
+                    probe = probe + cfg.answer_probe_weight * probes.word_loss(targets)
+                total_loss = total_loss + probe
                 probe_losses.append(probe.item())
             losses.append(loss.item())
             dense_losses.append(dense.item())
@@ -472,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--vision-batch-size", type=int, default=TrainConfig.vision_batch_size, help="0 = --batch-size")
     ap.add_argument("--glyph-weight", type=float, default=TrainConfig.glyph_weight)
+    ap.add_argument("--answer-probe-weight", type=float, default=TrainConfig.answer_probe_weight)
+    ap.add_argument("--grid-heads", action="store_true", help="noun -> object in one head per grid (OneVision)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
@@ -488,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=a.batch_size,
         vision_batch_size=a.vision_batch_size,
         glyph_weight=a.glyph_weight,
+        answer_probe_weight=a.answer_probe_weight,
+        grid_heads=a.grid_heads,
         lr=a.lr,
         seed=a.seed,
         eval_every=a.eval_every,
