@@ -48,7 +48,7 @@ def _no_ids() -> torch.Tensor:
 
 @dataclass
 class ProbeTargets:
-    """Rows are (sample, position) pairs of one batch; values are scaled horizontal positions."""
+    """Rows are (sample, position) pairs of one batch; values are scaled positions, counts or answer-token ids."""
 
     noun_rows: torch.Tensor  # [M, 2] long: last naming word of a one-object phrase
     noun_x: torch.Tensor  # [M] float: that object's centre, 2 * x - 1
