@@ -361,9 +361,75 @@ def test_answer_word_probes_classify_the_named_decoder_layers():
     plain.remove()
 
 
-def test_negative_answer_probe_weight_is_refused():
+@pytest.mark.parametrize("weight", ["answer_probe_weight", "phrase_probe_weight"])
+def test_negative_probe_weight_is_refused(weight):
     with pytest.raises(ValueError, match="probe weights must be >= 0"):
-        train(TrainConfig(family="llava", answer_probe_weight=-1.0), verbose=False)
+        train(TrainConfig(family="llava", **{weight: -1.0}), verbose=False)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_phrase_targets_are_the_first_and_last_naming_words_of_each_phrase(family):
+    """Per naming phrase of every turn, in order: its last word's position, and the ids of its first and last
+    attribute words as written in the question text (a position question has two phrases of two words)."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.phrase_probes import phrase_targets
+    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+
+    _, processor = build(family)
+    batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
+    marker = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[family])
+    nouns = attribute_word_ids(processor.tokenizer)
+    turns = list(named_turns(batch, marker, nouns))
+    rows, first, last = phrase_targets(turns, batch["input_ids"], nouns)
+    to_id = processor.tokenizer.convert_tokens_to_ids
+    expected = []
+    for b, _, question, ends, _ in turns:
+        words = [w for w in question.text.split() if to_id(w) in nouns]
+        groups = [words[:2], words[2:]] if question.category == "position" else [words]
+        expected += [(b, end, to_id(g[0]), to_id(g[-1])) for end, g in zip(ends, groups, strict=True)]
+    got = [(*r, f, t) for r, f, t in zip(rows.tolist(), first.tolist(), last.tolist())]
+    assert got == expected
+    assert any(f != t for *_, f, t in got) and any(f == t for *_, f, t in got)  # two-word and one-word phrases
+    empty = phrase_targets([], batch["input_ids"], nouns)
+    assert [t.shape for t in empty] == [(0, 2), (0,), (0,)]
+
+
+def test_phrase_probes_classify_the_noun_layer_attention_input():
+    """The loss is the two cross-entropies of linear read-outs of layer k's input after its input norm."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.phrase_probes import PhraseProbes
+
+    model, processor = build("llava")
+    model.eval()
+    batch = training_batch(processor, "llava", [0, 1], TrainConfig())
+    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    vocab = model.config.get_text_config().vocab_size
+    probes = PhraseProbes(model, layer=1, words=vocab)
+    rows, first, last = torch.tensor([[0, 5], [1, 9]]), torch.tensor([3, 8]), torch.tensor([4, 8])
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states  # [1] = input of decoder layer 1
+        got = probes.loss(rows, first, last)
+        normed = model.model.language_model.layers[1].input_layernorm(hidden[1])[rows[:, 0], rows[:, 1]]
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(probes.first(normed), first) + ce(probes.last(normed), last)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert probes.loss(torch.zeros(0, 2, dtype=torch.long), first[:0], last[:0]).item() == 0.0
+    probes.remove()
+    assert not model.model.language_model.layers[1].self_attn._forward_pre_hooks
+
+
+def test_onevision_options_train_every_probe_and_leave_no_hooks():
+    """Grid heads, answer-word and phrase-word probes together: the probe terms are in the logged loss, and no
+    training hook (visual tap, attention teachers, probes) stays on the returned model."""
+    cfg = TrainConfig(
+        family="llava_onevision", max_steps=2, vision_share=0, batch_size=2, extra_turns=2, warmup=1, eval_samples=0,
+        grid_heads=True, answer_probe_weight=1.0, phrase_probe_weight=1.0,
+    )  # fmt: skip
+    model, _, report = train(cfg, verbose=False)
+    assert report["steps"] == 2 and all(p > 0 for p in report["probe_losses"])
+    layers = model.model.language_model.layers
+    hooked = [model.model.multi_modal_projector, *layers, *(layer.self_attn for layer in layers)]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in hooked)  # (transformers adds its own elsewhere)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])

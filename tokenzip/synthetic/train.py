@@ -29,6 +29,7 @@ from .conversations import ASSISTANT_MARKER, answer_mask, extra_questions, messa
 from .dataset import SPLITS, VIDEO_TEST, Sample, sample
 from .dense import DenseHeads
 from .evaluate import evaluate, evaluate_video
+from .phrase_probes import PhraseProbes, phrase_targets
 from .probes import ReadoutProbes, probe_targets
 from .questions import ASK, CATEGORIES
 from .scenes import random_scene
@@ -65,6 +66,8 @@ class TrainConfig:
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
     probe_weight: float = 1.0  # position and count probes after those two layers (see probes.py); 0 = off
     answer_probe_weight: float = 0.0  # answer-word classifiers on the naming word and the answer token (probes.py)
+    phrase_probe_weight: float = 0.0  # first / last phrase-word classifiers on the noun layer's query input
+    # (phrase_probes.py)
     video_share: float = 0.0  # share of question-answering steps on video clips (video_batches.py; not for llava)
     seed: int = 0
     eval_every: int = 250
@@ -309,17 +312,24 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         if supervise
         else ()
     )
-    if cfg.answer_probe_weight < 0 or cfg.probe_weight < 0:
-        raise ValueError(f"probe weights must be >= 0, got {cfg.probe_weight} and {cfg.answer_probe_weight}")
+    if min(cfg.answer_probe_weight, cfg.probe_weight, cfg.phrase_probe_weight) < 0:
+        raise ValueError(
+            "probe weights must be >= 0, got "
+            f"{cfg.probe_weight}, {cfg.answer_probe_weight} and {cfg.phrase_probe_weight} (phrase)"
+        )
     words = model.config.get_text_config().vocab_size if cfg.answer_probe_weight else 0
     probed = cfg.probe_weight or cfg.answer_probe_weight
     probes = ReadoutProbes(model, cfg.noun_layer, cfg.answer_layer, answer_words=words) if probed else None
     answer_id = processor.tokenizer.convert_tokens_to_ids if words else None
+    vocab = model.config.get_text_config().vocab_size
+    phrases = PhraseProbes(model, cfg.noun_layer, vocab) if cfg.phrase_probe_weight else None
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
     if probes is not None:
         params += [("probe." + n, p) for n, p in probes.named_parameters()]
+    if phrases is not None:
+        params += [("phrase." + n, p) for n, p in phrases.named_parameters()]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -377,11 +387,19 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
                 attention = torch.stack(terms).mean() if terms else total_loss.new_zeros(())
                 total_loss = total_loss + cfg.attention_weight * attention
                 attention_losses.append(attention.item())
+            if probes is not None or phrases is not None:
+                turns = list(named_turns(batch, marker_id, noun_ids))
+                probe = total_loss.new_zeros(())
             if probes is not None:
-                targets = probe_targets(named_turns(batch, marker_id, noun_ids), answer_id)
-                probe = cfg.probe_weight * probes.loss(targets)
+                targets = probe_targets(turns, answer_id)
+                probe = probe + cfg.probe_weight * probes.loss(targets)
                 if words:
                     probe = probe + cfg.answer_probe_weight * probes.word_loss(targets)
+            if phrases is not None:
+                probe = probe + cfg.phrase_probe_weight * phrases.loss(
+                    *phrase_targets(turns, batch["input_ids"], noun_ids)
+                )
+            if probes is not None or phrases is not None:
                 total_loss = total_loss + probe
                 probe_losses.append(probe.item())
             losses.append(loss.item())
@@ -416,6 +434,8 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         teacher.remove()
     if probes is not None:
         probes.remove()
+    if phrases is not None:
+        phrases.remove()
     model.eval()
     minutes = (time.perf_counter() - start) / 60
     report = {
@@ -495,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-batch-size", type=int, default=TrainConfig.vision_batch_size, help="0 = --batch-size")
     ap.add_argument("--glyph-weight", type=float, default=TrainConfig.glyph_weight)
     ap.add_argument("--answer-probe-weight", type=float, default=TrainConfig.answer_probe_weight)
+    ap.add_argument("--phrase-probe-weight", type=float, default=TrainConfig.phrase_probe_weight)
+    ap.add_argument("--attention-weight", type=float, default=TrainConfig.attention_weight)
     ap.add_argument("--grid-heads", action="store_true", help="noun -> object in one head per grid (OneVision)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -513,7 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         vision_batch_size=a.vision_batch_size,
         glyph_weight=a.glyph_weight,
         answer_probe_weight=a.answer_probe_weight,
+        phrase_probe_weight=a.phrase_probe_weight,
         grid_heads=a.grid_heads,
+        attention_weight=a.attention_weight,
         lr=a.lr,
         seed=a.seed,
         eval_every=a.eval_every,
