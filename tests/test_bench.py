@@ -140,6 +140,32 @@ def test_pretrained_directory(tmp_path, tiny_bench):
     assert torch.equal(generate(bm.model, inputs, 3), generate(vlm.model, inputs, 3))
 
 
+@pytest.mark.parametrize("name", ["synth-qwen2_5_vl", "synth-llava_onevision"])
+def test_bundled_qwen_and_onevision_models_get_a_processor_without_torchvision(name):
+    """Their full processors need torchvision for video; the benchmark falls back to the image-only processor (what
+    `load_vlm` builds), and without torchvision a video workload is refused with the reason."""
+    import importlib.util
+
+    from tokenzip.loading import load_vlm
+    from tokenzip.testing.tiny import dummy_image
+
+    bm = load_model(name)
+    work = Workload(images=1, batch=2, image_size=(96, 96))
+    inputs = bm.make_inputs(work)
+    _, processor = load_vlm(name)
+    content = [{"type": "image"}, {"type": "text", "text": work.prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    expected = processor(text=[text], images=[dummy_image(96, 96, 0)], return_tensors="pt")
+    for row in range(2):
+        assert torch.equal(inputs["input_ids"][row], expected["input_ids"][0])
+    assert torch.equal(inputs["pixel_values"][: len(expected["pixel_values"])], expected["pixel_values"])
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(BenchSetupError, match="video processor, which needs torchvision"):
+            bm.make_inputs(Workload(frames=4))
+    else:
+        assert "pixel_values_videos" in bm.make_inputs(Workload(frames=4))
+
+
 def _return_free_heap_to_the_os() -> None:
     """glibc's malloc_trim(0): release freed heap pages, so that RSS grows with the next allocation."""
     import ctypes

@@ -182,7 +182,9 @@ def _random(
 
 
 def _pretrained(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> BenchModel:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
+
+    from ..loading import load_processor
 
     if name.startswith("~"):
         name = str(Path(name).expanduser())
@@ -204,7 +206,7 @@ def _pretrained(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> 
         )
     model = model_class(family).from_pretrained(name, dtype=dtype, attn_implementation=attn, device_map=str(dev))
     model.eval()
-    processor = AutoProcessor.from_pretrained(name)
+    processor = load_processor(name)  # the image-only processor where the video one needs torchvision
 
     def make_inputs(work: Workload) -> dict:
         from PIL import Image
@@ -216,6 +218,11 @@ def _pretrained(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> 
         if work.frames:
             import numpy as np
 
+            if getattr(processor, "video_processor", None) is None:
+                raise BenchSetupError(
+                    f"--frames needs {name!r}'s video processor, which needs torchvision (not installed): "
+                    "install torchvision, or benchmark videos with --random-weights or a tiny model"
+                )
             rng = np.random.default_rng(0)
             side = work.image_size or (384, 384)
             video = rng.integers(0, 256, (work.frames, side[0], side[1], 3), dtype=np.uint8)
