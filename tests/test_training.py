@@ -274,14 +274,20 @@ def test_position_probe_targets_follow_the_question(family):
     assert dict(zip(map(tuple, targets.noun_rows.tolist()), targets.noun_x.tolist())) == pytest.approx(singles)
 
 
-def test_position_probes_read_the_named_decoder_layers():
+def _llava_and_two_training_samples():
+    """A fresh tiny LLaVA in eval mode and the model inputs of training samples 0 and 1."""
     from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
 
     model, processor = build("llava")
     model.eval()
     batch = training_batch(processor, "llava", [0, 1], TrainConfig())
-    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    return model, {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+
+
+def test_position_probes_read_the_named_decoder_layers():
+    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
+
+    model, inputs = _llava_and_two_training_samples()
     probes = ReadoutProbes(model, noun_layer=1, answer_layer=3)
     rows = torch.tensor([[0, 5], [1, 9]])
     none = torch.zeros(0, 2, dtype=torch.long)
@@ -330,13 +336,9 @@ def test_answer_word_targets_cover_every_turn_and_one_phrase_naming_words(family
 
 
 def test_answer_word_probes_classify_the_named_decoder_layers():
-    from tokenzip.synthetic.architectures import build
     from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
 
-    model, processor = build("llava")
-    model.eval()
-    batch = training_batch(processor, "llava", [0, 1], TrainConfig())
-    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    model, inputs = _llava_and_two_training_samples()
     vocab = model.config.get_text_config().vocab_size
     probes = ReadoutProbes(model, noun_layer=1, answer_layer=3, answer_words=vocab)
     rows, other = torch.tensor([[0, 5], [1, 9]]), torch.tensor([[1, 7]])
@@ -396,13 +398,9 @@ def test_phrase_targets_are_the_first_and_last_naming_words_of_each_phrase(famil
 
 def test_phrase_probes_classify_the_noun_layer_attention_input():
     """The loss is the two cross-entropies of linear read-outs of layer k's input after its input norm."""
-    from tokenzip.synthetic.architectures import build
     from tokenzip.synthetic.phrase_probes import PhraseProbes
 
-    model, processor = build("llava")
-    model.eval()
-    batch = training_batch(processor, "llava", [0, 1], TrainConfig())
-    inputs = {k: v for k, v in batch.items() if k not in ("scenes", "questions", "labels")}
+    model, inputs = _llava_and_two_training_samples()
     vocab = model.config.get_text_config().vocab_size
     probes = PhraseProbes(model, layer=1, words=vocab)
     rows, first, last = torch.tensor([[0, 5], [1, 9]]), torch.tensor([3, 8]), torch.tensor([4, 8])

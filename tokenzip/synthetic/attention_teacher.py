@@ -17,6 +17,12 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
+def attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states [B, S, D] (after the layer's input norm) a forward pre-hook on a decoder layer's
+    `self_attn` receives, whether passed by keyword or by position."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 class AttentionTeacher:
     """Captures the inputs of `layer`'s attention and scores head `head` against target key positions."""
 
@@ -28,8 +34,7 @@ class AttentionTeacher:
         self.handle = attention.register_forward_pre_hook(partial(AttentionTeacher._capture, self), with_kwargs=True)
 
     def _capture(self, module, args, kwargs) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.captured = (hidden, kwargs["position_embeddings"])
+        self.captured = (attention_input(args, kwargs), kwargs["position_embeddings"])
 
     def loss(self, query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """query [M, 2] (sample, position) rows; targets [M, S] bool key positions that should get the mass."""

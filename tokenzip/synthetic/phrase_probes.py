@@ -17,6 +17,8 @@ from functools import partial
 
 import torch
 
+from .attention_teacher import attention_input
+
 
 def phrase_targets(turns, input_ids: torch.Tensor, noun_ids: set[int]) -> tuple[torch.Tensor, ...]:
     """From `train.named_turns` tuples and the batch's input ids [B, S]: (rows [P, 2] long (sample, position of the
@@ -29,7 +31,7 @@ def phrase_targets(turns, input_ids: torch.Tensor, noun_ids: set[int]) -> tuple[
     rows_t = torch.tensor(rows, dtype=torch.long)
     last = input_ids[rows_t[:, 0], rows_t[:, 1]]
     before = input_ids[rows_t[:, 0], (rows_t[:, 1] - 1).clamp(min=0)]
-    two_words = torch.tensor([t in noun_ids for t in before.tolist()]) & (rows_t[:, 1] > 0)
+    two_words = torch.isin(before, torch.tensor(sorted(noun_ids), dtype=torch.long)) & (rows_t[:, 1] > 0)
     return rows_t, torch.where(two_words, before, last), last
 
 
@@ -46,7 +48,7 @@ class PhraseProbes(torch.nn.Module):
         self.handle = attention.register_forward_pre_hook(partial(PhraseProbes._capture, self), with_kwargs=True)
 
     def _capture(self, module, args, kwargs) -> None:
-        self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.hidden = attention_input(args, kwargs)
 
     def loss(self, rows: torch.Tensor, first_ids: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
         """Sum of the two cross-entropies (mean over the P rows) on the last forward; 0 without rows."""
