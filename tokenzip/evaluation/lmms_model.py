@@ -29,6 +29,7 @@ from lmms_eval.api.model import lmms
 
 from .. import apply
 from ..assets import FAMILY_OF
+from ..bench.checks import check_sample
 from ..flops import sample_flops
 from ..loading import load_vlm, model_family
 from . import reference
@@ -69,6 +70,15 @@ class TokenzipLMMS(lmms):
                 f"{pretrained!r} is a {family!r} checkpoint but this lmms-eval model expects {self.family!r}; "
                 f"use --model {MODEL_NAMES[family]}"
             )
+        self.accelerator = _data_parallel()
+        if self.accelerator is not None:
+            if device_map is not None:
+                raise ValueError(
+                    "device_map splits one model over several devices and runs in ONE process; under `accelerate "
+                    "launch --num_processes N` each process holds a whole copy: drop device_map or launch one process"
+                )
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
         if device is None:
             local = os.environ.get("LOCAL_RANK")
             device = f"cuda:{local or 0}" if torch.cuda.is_available() else "cpu"
@@ -203,6 +213,8 @@ class TokenzipLMMS(lmms):
                     visual_in=s.visual_in,
                     visual_llm_input=sum(item.kept for item in s.items),
                     visual_layer_mean=s.visual_mean,
+                    visual_budget=check_sample(self.keep, s).budget,  # layer-average budget (tokenzip.bench.checks)
+                    visual_items=len(s.items),
                     prefill_flops=flops[b]["prefill"],
                     prefill_flops_unpruned=flops[b]["prefill_unpruned"],
                     flops_ratio=flops[b]["ratio"],
@@ -249,6 +261,19 @@ class TokenzipLMMS(lmms):
         self._flushed = len(self.sample_stats)
 
     _flushed = 0
+
+
+def _data_parallel():
+    """The `accelerate.Accelerator` of a data-parallel launch (`accelerate launch --num_processes N`, N > 1), else
+    None. Each process then holds a whole patched copy of the model and lmms-eval gives it every N-th request
+    (rank = process index); results are gathered by lmms-eval. On machines without CUDA the processes talk over
+    gloo (CPU data parallelism: launch with `--multi_gpu` and ACCELERATE_USE_CPU=1, as the tests do)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    return accelerator if accelerator.num_processes > 1 else None
 
 
 def _prefill_record(patch):
