@@ -22,20 +22,24 @@ def test_list_policies_names_and_descriptions():
     assert all(isinstance(d, str) and len(d) > 10 for d in policies.values())
 
 
-def test_apply_twice_replaces_the_first_patch():
+def test_apply_twice_suspends_the_first_patch():
+    """More of the patch lifecycle (inner `with` blocks, `tokenzip.remove`, viz.show) in test_lifecycle.py."""
     vlm = get_tiny("llava", "sdpa")
     inputs = image_inputs(vlm, 1)
     first = tokenzip.apply(vlm.model, "random", 0.5)
-    second = tokenzip.apply(vlm.model, "pool", 0.25)
+    with pytest.warns(tokenzip.TokenzipWarning):
+        second = tokenzip.apply(vlm.model, "pool", 0.25)
     try:
-        assert not first.active and second.active
+        assert not first.active and first.suspended and second.active
         assert tokenzip.current_patch(vlm.model) is second
-        assert len(vlm.model._forward_pre_hooks) == 1
+        assert {getattr(h, "__self__", None) for h in vlm.model._forward_pre_hooks.values()} == {second._runtime}
         logits(vlm, inputs)
         assert second.stats.last.samples[0].items[0].kept == 16
         assert len(first.stats) == 0
-    finally:
         second.remove()
+        assert tokenzip.current_patch(vlm.model) is first and first.active
+    finally:
+        tokenzip.remove(vlm.model, all_patches=True)
     assert tokenzip.current_patch(vlm.model) is None
 
 

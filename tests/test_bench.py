@@ -8,8 +8,10 @@ with messages naming what is allowed.
 
 from __future__ import annotations
 
+import io
 import json
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ import tokenzip
 from tokenzip.bench import BenchSettings, BenchSetupError, Workload, load_model, run_bench
 from tokenzip.bench.inputs import synthetic_inputs
 from tokenzip.bench.runner import generate
-from tokenzip.bench.timing import PeakMemory, Summary
+from tokenzip.bench.timing import PeakMemory, Summary, differs
 from tokenzip.cli import app
 from tokenzip.engine.accounting import measure_flops
 
@@ -179,7 +181,10 @@ def _return_free_heap_to_the_os() -> None:
 def test_summary_and_peak_memory():
     s = Summary.of([float(v) for v in range(10, 0, -1)])
     assert (s.median, s.p90, s.n) == (5.5, 9.0, 10)
-    assert Summary.of([2.0]).p90 == 2.0
+    assert (s.q1, s.q3, s.min, s.max, s.spread) == (3.0, 8.0, 1.0, 10.0, 5.0)  # spread: the IQR from 4 repeats
+    assert Summary.of([3.0, 1.0, 2.0]).spread == 2.0  # below 4 repeats: the full range
+    one = Summary.of([2.0])
+    assert one.p90 == 2.0 and one.spread != one.spread  # one run: no noise estimate (nan)
     _return_free_heap_to_the_os()  # else the block may reuse pages an earlier test freed but the process kept
     with PeakMemory(torch.device("cpu")) as memory:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
@@ -240,7 +245,7 @@ def test_bench_cli(tmp_path):
         ["| fastv", "0.25"],
         ["| fastv", "16"],
     ]
-    assert all(line.count(" | ") == 11 for line in rows) and data["command"] in md[2]
+    assert all(line.count(" | ") == 12 for line in rows) and data["command"] in md[2]
     for name in ("quality_vs_flops.png", "ttft_vs_keep.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "overhead" in result.output
@@ -288,3 +293,105 @@ def test_bench_accuracy_needs_a_trained_model():
     result = CliRunner().invoke(app, ["bench", "--accuracy", "5", "--policies", "pool", "--keeps", "0.25"])
     assert result.exit_code != 0
     assert "--accuracy" in result.output and "synth-llava" in result.output
+
+
+def test_noise_test_between_two_summaries():
+    quiet = Summary.of([10.0, 10.1, 10.2, 10.3])
+    assert differs(quiet, Summary.of([10.1, 10.2, 10.25, 10.4])) is False  # medians 0.075 apart, noise 0.15
+    assert differs(quiet, Summary.of([12.0, 12.1, 12.2, 12.3])) is True
+    assert differs(quiet, Summary.of([12.0])) is not None  # the other side's noise decides
+    assert differs(Summary.of([1.0]), Summary.of([2.0])) is None  # no noise estimate at all
+
+
+def test_rows_carry_budget_spread_and_the_control(tiny_bench):
+    """Every row: its per-sample budget beside its layer average, TTFT quartiles, the overhead's noise verdict; the
+    `none` row is the control and the header quotes it."""
+    settings = BenchSettings(["pool", "fastv"], [0.25, 0.5], warmup=0, repeats=4, decode_tokens=1, count_flops=False)
+    result = run_bench(tiny_bench, Workload(images=2), settings)
+    rows = {(r.policy, r.keep): r for r in result.rows}
+    assert result.control is result.rows[0] and result.control.policy == "none"
+    assert rows[("none", 1.0)].budget_tokens == 2 * 64 and rows[("pool", 0.25)].budget_tokens == 2 * 16
+    assert rows[("fastv", 0.5)].budget_tokens == 2 * 32
+    for row in result.rows:
+        assert row.error is None and not row.off_budget
+        assert row.flags == [] or row.policy == "none"  # only the control row may carry a (control) flag
+        assert row.ttft.n == 4 and row.ttft.q1 <= row.ttft.median <= row.ttft.q3
+        assert row.overhead_resolved == differs(row.ttft, row.oracle)
+    # the header's reference is the none row's own TTFT, in the same format as its cell
+    from tokenzip.bench.report import interval, table
+
+    rendered = _render(table(result))
+    none_cell = interval(asdict(rows[("none", 1.0)].ttft))
+    assert f"control (none, keep 1.0): TTFT {none_cell} ms" in rendered
+    assert none_cell in rendered.split("control (none")[0]  # ... and it is the none row's cell
+
+
+def _render(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_control_row_is_flagged_when_its_runs_disagree(tiny_bench, monkeypatch):
+    """The control (`none` vs its replay vs the hook-free model: the same work) is flagged when the medians lie
+    further apart than their noise; here the hook-free timings are made to read 100 s more."""
+    from tokenzip.bench import runner
+
+    real = runner.timed
+    calls = {"n": 0}
+
+    def slow_first_runs(fn, device):
+        calls["n"] += 1
+        seconds, out = real(fn, device)
+        return (seconds + 100.0 if calls["n"] <= 4 else seconds), out  # the 4 unpatched timings come first
+
+    monkeypatch.setattr(runner, "timed", slow_first_runs)
+    settings = BenchSettings(["pool"], [0.25], warmup=0, repeats=4, decode_tokens=1, count_flops=False)
+    result = run_bench(tiny_bench, Workload(), settings)
+    control = result.control
+    assert result.unpatched_ttft.median > 100.0
+    assert any(f.startswith("control: the model without hooks") for f in control.flags)
+    assert result.rows[1].flags == []  # the pool row's own numbers are not the control's
+    from tokenzip.bench.report import control_line
+
+    assert "CONTROL OFF" in control_line(result.as_dict())
+
+
+def test_off_budget_rows_are_marked_in_table_markdown_csv_and_plot(tiny_bench, tmp_path):
+    """A sample more than one token per item from its budget is flagged (the check itself, on a real record with
+    one layer count changed), and a flagged row says so in every output; the plots ring it in red."""
+    import csv
+    import dataclasses
+
+    from tokenzip.bench.checks import budget_note, check_record, check_sample
+    from tokenzip.bench.report import markdown, table, write
+
+    vlm = get_tiny("llava")
+    with tokenzip.apply(vlm.model, "pool", 0.25) as patch, torch.no_grad():
+        vlm.model(**image_inputs(vlm, 1))
+        record = patch.stats.last
+    sample = record.samples[0]
+    assert check_sample(0.25, sample).budget == 16 and not check_sample(0.25, sample).off
+    layers = len(sample.visual_per_layer)
+    near = dataclasses.replace(sample, visual_per_layer=[16] * (layers - 1) + [16 + layers])  # average 17: 1 off
+    far = dataclasses.replace(sample, visual_per_layer=[16] * (layers - 1) + [16 + 2 * layers])  # average 18
+    assert not check_sample(0.25, near).off and check_sample(0.25, far).off
+    assert budget_note(check_record(dataclasses.replace(record, samples=[far]))) == (
+        "off budget (layer avg: 18.0 vs budget 16)"
+    )
+
+    result = run_bench(tiny_bench, Workload(), BenchSettings(["pool"], [0.25, 0.5], **FAST, count_flops=False))
+    clean = write(result, tmp_path / "clean", "tokenzip bench")
+    row = result.rows[1]
+    row.off_budget, row.flags = True, [budget_note([check_sample(0.25, far)])]
+    paths = write(result, tmp_path / "off", "tokenzip bench")
+    assert "OFF BUDGET" in _render(table(result)) and "off budget (layer avg: 18.0" in _render(table(result))
+    md = markdown(json.loads((tmp_path / "off" / "results.json").read_text()))
+    flagged = [line for line in md.splitlines() if line.startswith("| ") and "OFF BUDGET" in line]  # table rows
+    assert len(flagged) == 1 and flagged[0].startswith("| pool | 0.25 |")
+    with (tmp_path / "off" / "results.csv").open() as f:
+        assert [r["off_budget"] for r in csv.DictReader(f)] == ["False", "True", "False"]
+    for before, after in zip(clean[3:], paths[3:]):  # the two plots gain the red ring
+        assert before.name == after.name and before.read_bytes() != after.read_bytes()

@@ -28,6 +28,14 @@ from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_lo
 
 STEPS = 4
 KEEPS = (0.5, 0.25, 0.11)
+# Policies whose fixed prune layers keep every visual token in the first layers cannot reach a layer average of
+# 0.11 on these 24-layer LLMs (they refuse with BudgetError naming their smallest reachable keep: MustDrop 0.206-0.219,
+# ATP 0.131-0.156 on the image cases, MustDrop 0.375 on Qwen's two small images); those cases run just above it.
+LOWEST_REACHABLE = {"image": {"mustdrop": 0.23, "atp": 0.16}, "multi": {"mustdrop": 0.4}, "video": {}}
+
+
+def reachable(case: str, keep: float, kind: str = "image") -> float:
+    return max(keep, LOWEST_REACHABLE[kind].get(case.split("-")[0], 0.0))
 
 
 def policy_cases(family: str) -> list[str]:
@@ -86,7 +94,7 @@ def test_none_policy_and_remove_restore_exactly(family):
 def test_cached_generation_equals_uncached_recompute(family, attn, batch, case, keep):
     vlm = get_tiny(family, attn)
     inputs = image_inputs(vlm, batch)
-    with apply(vlm.model, case, keep) as patch:
+    with apply(vlm.model, case, reachable(case, keep)) as patch:
         tokens, logits = cached_greedy(vlm.model, inputs, STEPS)
         with patch.replay():
             reference = uncached_logits(vlm.model, inputs, tokens)
@@ -112,7 +120,7 @@ def test_video_and_multi_image_generation(family, attn, kind, case):
     with apply(vlm.model, case, 1.0):
         same_tokens, _ = cached_greedy(vlm.model, inputs, STEPS)
     assert torch.equal(same_tokens, base_tokens)
-    with apply(vlm.model, case, 0.25) as patch:
+    with apply(vlm.model, case, reachable(case, 0.25, kind)) as patch:
         tokens, logits = cached_greedy(vlm.model, inputs, STEPS)
         record = patch.stats.history[-1]
         with patch.replay():
@@ -129,7 +137,7 @@ def test_video_and_multi_image_generation(family, attn, kind, case):
 )
 def test_batch_equals_single_runs(family, attn, case, keep):
     vlm = get_tiny(family, attn)
-    with apply(vlm.model, case, keep):
+    with apply(vlm.model, case, reachable(case, keep)):
         batch_tokens, batch_logits = cached_greedy(vlm.model, image_inputs(vlm, 2), STEPS)
         for index in range(2):
             tokens, logits = cached_greedy(vlm.model, single_inputs(vlm, index), STEPS)

@@ -15,6 +15,7 @@ import tokenzip
 from tokenzip.adapters import get_adapter
 from tokenzip.items import GridPart, ItemShape
 from tokenzip.policies.atp import (
+    ATPPolicy,
     adaptive_parameters,
     atp_schedule,
     atp_scores,
@@ -275,3 +276,22 @@ def test_calibrated_gamma_meets_the_target_and_counts_grow_with_gamma():
     assert abs(layer_average(gamma) - target) <= 0.02 * target + 0.5  # +-2% up to count granularity
     with pytest.raises(tokenzip.PolicyOptionError, match="calibrated"):
         tokenzip.apply(vlm.model, "atp", 0.25, schedule="adaptive")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"p": ("a", "b", "c")}, "p="),  # r13: accepted before
+        ({"p": (0.9, 0.75)}, "one value per pruning layer"),
+        ({"spatial_rates": (0.1, float("nan"), 0.0)}, "spatial_rates="),
+        ({"prune_layers": (8, 2, 16)}, "prune_layers="),
+        ({"gamma": float("inf")}, "gamma="),
+        ({"schedule": "thresholds"}, "schedule="),
+        ({"n_min": 0}, "n_min="),
+        ({"z_beta": 1.0}, "not used with schedule='topk'"),  # topk would ignore it
+        ({"schedule": "adaptive", "gamma": 1.0, "rule": "z", "p": (0.8, 0.7, 0.5)}, "not used"),
+    ],
+)
+def test_bad_options_raise(options, match):
+    with pytest.raises(tokenzip.PolicyOptionError, match=match):
+        ATPPolicy(**options)

@@ -17,7 +17,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_identity_and_restore, forward_with_hooks, get_tiny, image_inputs, single_inputs
+from conftest import (
+    assert_identity_and_restore,
+    forward_with_hooks,
+    get_tiny,
+    image_inputs,
+    single_inputs,
+    video_inputs,
+)
 from test_policy_hiprune import _qwen_scores, _tower_scores
 from test_positions import record_positions, record_rope_rows
 from test_schedule import measured_lengths
@@ -609,7 +616,9 @@ def _info(family: str, n_layers: int) -> ModelInfo:
 )
 def test_keep_mapping_reproduces_the_spec_table(layers, family):
     """rho = keep L / (K + (L - K)(1 - r)) with keep counted as round(keep N) / N; n_0 = ceil(N rho),
-    n_K = round(n_0 / 2); the policy's nominal schedule is n_0 before K and n_K from K on; w/o M: rho = keep."""
+    n_K = round(n_0 / 2) in the spec's table; the policy's nominal schedule is n_0 before K and, from K on, the
+    count solved for the budget, round((L T - K n_0) / (L - K)), within three tokens of the table's and with a layer
+    average within half a token of T (the table's is up to 0.9 off); w/o M: rho = keep."""
     n_layers, layer = layers
     assert default_inner_layer(n_layers) == layer
     shape = ItemShape("image", (GridPart(0, 1, 24, 24),))
@@ -621,7 +630,12 @@ def test_keep_mapping_reproduces_the_spec_table(layers, family):
         assert math.ceil(576 * rho) == n0 and round(n0 * 0.5) == nk
         assert round((layer * n0 + (n_layers - layer) * nk) / n_layers, 1) == average
         tokens = HoliTomPolicy().nominal(_info(family, n_layers), shape, keep).tokens
-        assert tokens == [n0] * layer + [nk] * (n_layers - layer)
+        target = item_budget(keep, 576)
+        solved = round((n_layers * target - layer * n0) / (n_layers - layer))
+        assert tokens == [n0] * layer + [solved] * (n_layers - layer) and abs(solved - nk) <= 3
+        assert abs(sum(tokens) / n_layers - target) <= 0.5
+        official = HoliTomPolicy(rho=rho).nominal(_info(family, n_layers), shape, keep).tokens  # explicit rho: r
+        assert official == [n0] * layer + [nk] * (n_layers - layer)
         flat = HoliTomPolicy(inner=False).nominal(_info(family, n_layers), shape, keep).tokens
         assert flat == [round(keep * 576)] * n_layers
         assert holitom_ratio(fraction, n_layers, layer, 0.5, False) == (fraction, 0.0)
@@ -768,9 +782,10 @@ class Capture:
 def test_onevision_video_outer_and_inner_stages_equal_the_reference():
     """Eager tiny OneVision, planted 8-frame video, keep 0.25 (rho = 0.25 * 24 / 19.5, tau 0.8, K = 15, seeded
     noise): the video run entering the LLM is the reference's outer tokens + the trailing newline, with a rebuilt
-    placeholder run; before layer K the span keeps the top round(n / 2) by the last prompt token's layer K-1
-    attention (n counts the newline) with the sequentially merged states and their original positions; layers
-    >= K process and cache n_K visual tokens; decode positions continue from the layer-0 length."""
+    placeholder run; before layer K the content tokens keep the top n_K = round((L T - K n_0) / (L - K)) by the
+    last prompt token's layer K-1 attention (the module's budget rule: the layer average meets T = 8) with the
+    sequentially merged states and their original positions, the newline kept as it is; layers >= K process and
+    cache n_K visual tokens; decode positions continue from the layer-0 length."""
     vlm = get_tiny("llava_onevision", "eager")
     inputs = ov_video(vlm)
     frames, attention = ov_outer_inputs(vlm, inputs["pixel_values_videos"])
@@ -805,21 +820,23 @@ def test_onevision_video_outer_and_inner_stages_equal_the_reference():
     span = torch.arange(v0, v0 + n_out + 1)
     weights = capture.seen["attnKm1"][0][0, :, -1].mean(0)[span].tolist()
     hidden = capture.seen["outKm1"][0][0]
-    kept, merged = ref_inner(hidden[span], weights, 0.5)
-    n_k = round((n_out + 1) * 0.5)
+    budget = item_budget(0.25, n_frames * n_tokens)
+    n_k = min(n_out, max(1, round((24 * budget - layer * n_out) / (24 - layer))))
+    assert n_k < round((n_out + 1) * 0.5)  # the fixed r = 0.5 (newline counted) would overshoot the budget
+    kept, merged = ref_inner(hidden[span[:-1]], weights[:-1], 1 - n_k / n_out)
     assert len(kept) == n_k
-    keep_rows = torch.cat([torch.arange(v0), v0 + torch.tensor(kept), torch.arange(v0 + n_out + 1, length0)])
+    keep_rows = torch.cat([torch.arange(v0), v0 + torch.tensor(kept), torch.arange(v0 + n_out, length0)])
     got_hidden, got_positions = capture.seen["inK"][0]
     assert torch.equal(got_positions[0], keep_rows)  # original (post-outer) positions, not compacted
     assert torch.equal(got_hidden[0, v0 : v0 + n_k], merged)
     assert torch.equal(got_hidden[0, :v0], hidden[:v0])
-    assert torch.equal(got_hidden[0, v0 + n_k :], hidden[v0 + n_out + 1 :])
+    assert torch.equal(got_hidden[0, v0 + n_k :], hidden[v0 + n_out :])  # the newline, then the text
     # per-layer counts: processed, cached, and in the stats (the newline is structural, not content)
-    kept_content = sum(1 for i in kept if i < n_out)
     sample = record.samples[0]
-    assert lengths == [length0] * layer + [length0 - (n_out + 1 - n_k)] * (24 - layer)
+    assert lengths == [length0] * layer + [length0 - (n_out - n_k)] * (24 - layer)
     assert cache == lengths and sample.cache_per_layer == lengths and sample.sequence_per_layer == lengths
-    assert sample.visual_per_layer == [n_out] * layer + [kept_content] * (24 - layer)
+    assert sample.visual_per_layer == [n_out] * layer + [n_k] * (24 - layer)
+    assert abs(sum(sample.visual_per_layer) / 24 - budget) <= 0.5
     # decode at layer K continues from the layer-0 length
     assert torch.equal(decode_positions[0][0], keep_rows)
     assert [int(p) for p in decode_positions[1:]] == [length0, length0 + 1]
@@ -985,7 +1002,9 @@ def test_qwen_video_slices_are_frames_with_original_mrope_positions(monkeypatch)
 
 def test_llava_image_keeps_the_top_attention_tokens_and_merges_inside():
     """Images are the F = 1 case (image_mode="topk"): ceil(N rho) tokens by the feature layer's attention received
-    (CLS key dropped), ascending; then round(n_0 / 2) from layer K on. "passthrough": all 64 enter the LLM."""
+    (CLS key dropped), ascending; then the count that meets the budget from layer K on (9, where the fixed
+    r = 0.5 gave 10 and a layer average of 16.25 against 16). "passthrough": all 64 enter the LLM, half of them
+    from layer K on (the official fixed r)."""
     vlm = get_tiny("llava", "eager")
     inputs = image_inputs(vlm, 2)
     cfg = vlm.model.config
@@ -1000,7 +1019,8 @@ def test_llava_image_keeps_the_top_attention_tokens_and_merges_inside():
         record = patch.stats.last
     for b, sample in enumerate(record.samples):
         assert sample.items[0].kept_indices.tolist() == sorted(ref_topk(scores[feature][b, 1:].tolist(), n0))
-        assert sample.visual_per_layer == [n0] * 15 + [round(n0 / 2)] * 9
+        solved = round((24 * 16 - 15 * n0) / 9)
+        assert sample.visual_per_layer == [n0] * 15 + [solved] * 9 and (n0, solved) == (20, 9)
     with tokenzip.apply(vlm.model, "holitom", 0.25, image_mode="passthrough") as patch:
         with torch.no_grad():
             vlm.model(**single_inputs(vlm, 0))
@@ -1033,6 +1053,12 @@ def test_keep_one_is_identity_and_remove_restores(family):
         {"inner_layer": 0},
         {"inner_layer": 24},
         {"gamma": 1},
+        {"inner": "no"},  # r13: a string is not a bool
+        {"beta": "x"},  # r13
+        {"tau": float("nan")},
+        {"rho": float("inf")},
+        {"inner": False, "inner_r": 0.3},  # would be silently ignored
+        {"tie_noise": "off", "noise_seed": 3},  # would be silently ignored
     ],
 )
 def test_bad_options_raise(options):
@@ -1041,3 +1067,29 @@ def test_bad_options_raise(options):
     with pytest.raises(PolicyOptionError):
         tokenzip.apply(vlm.model, "holitom", 0.25, **options)
     assert not get_adapter(vlm.model).lm_layers[0]._forward_pre_hooks  # nothing left behind
+
+
+def test_onevision_short_video_lowers_rho_to_reach_the_budget():
+    """A 4-frame x 2x2 OneVision video (16 tokens) at keep 0.25 (T = 4, K = 15 of 24): the mapped rho 0.308 keeps
+    ceil(4 rho) = 2 tokens per frame, 8 in all, and 15 layers of 8 already exceed 24 (T + 1); the policy lowers rho
+    until the outer count fits (1 per frame), so no BudgetError, the layer average meets T within one token, the
+    newline is kept at layer K, and `nominal` predicts the measured per-layer lengths."""
+    vlm = get_tiny("llava_onevision", "sdpa")
+    inputs = video_inputs(vlm)
+    info = get_adapter(vlm.model).info()
+    with tokenzip.apply(vlm.model, "holitom", 0.25) as patch:
+        with torch.no_grad():
+            vlm.model(**inputs)
+        sample = patch.stats.last.samples[0]
+        shape = patch._runtime.state.items.all[0].shape
+        nominal = patch.policy.nominal(info, shape, 0.25)
+    assert shape.n_content == 16
+    budget = item_budget(0.25, 16)
+    layer = round(18 * 24 / 28)
+    cap = (24 * (budget + 1) - (24 - layer)) // layer
+    n0 = sample.visual_per_layer[0]
+    assert n0 <= cap < 8  # the mapped rho's 2 tokens per frame would not fit
+    assert abs(sum(sample.visual_per_layer) / 24 - budget) <= 1
+    text = inputs["input_ids"].shape[1] - shape.length
+    assert [text + n for n in nominal.tokens] == sample.sequence_per_layer
+    assert sample.sequence_per_layer[layer] - text == sample.visual_per_layer[layer] + shape.trailing  # newline kept

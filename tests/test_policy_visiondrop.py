@@ -213,3 +213,63 @@ def test_qwen_tokens_keep_their_targets_mrope_positions():
     assert torch.equal(rows[:, start : start + reps.numel()], base[:, reps])
     assert torch.equal(rows[:, :start], base[:, :start])
     assert torch.equal(rows[:, start + reps.numel() :], base[:, start + 16 :])
+
+
+# ------------------------------------------------------------------------------------------ options (r13), compat
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"decay": float("nan")},
+        {"decay": float("inf")},
+        {"decay": 1.5},
+        {"decay": 0},
+        {"encoder_factor": float("nan")},
+        {"encoder_factor": -1.0},
+        {"ctx_div": 0},
+        {"ctx_div": 2.0},
+        {"boundaries": (2, 2, 4)},
+        {"boundaries": (2, 4)},
+        {"include_cls": 1},
+        {"stage1_space": "clip"},
+        {"score_dtype": "fp16"},
+        {"compat": "paper"},
+        {"include_cls": False, "stage1_space": "post_projector"},  # no CLS there: would be silently ignored
+    ],
+)
+def test_bad_options_are_refused(options):
+    with pytest.raises(tokenzip.errors.PolicyOptionError, match="visiondrop"):
+        VisionDropPolicy(**options)
+
+
+def test_include_cls_is_refused_on_families_without_cls():
+    vlm = get_tiny("qwen2_5_vl", "sdpa")
+    with pytest.raises(tokenzip.errors.PolicyOptionError, match="include_cls"):
+        tokenzip.apply(vlm.model, "visiondrop", 0.5, include_cls=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "cls", "score_dtype"),
+    [
+        ({}, True, "float32"),
+        ({"compat": "official"}, True, "model"),
+        ({"compat": "fixed"}, False, "float32"),
+        ({"compat": "official", "score_dtype": "float32"}, True, "float32"),  # explicit options win
+        ({"compat": "fixed", "include_cls": True}, True, "float32"),
+    ],
+)
+def test_compat_sets_the_official_or_fixed_forms(options, cls, score_dtype):
+    """compat="official": CLS in the LLM and half-precision scoring (the released code's fp16 cast); "fixed": no
+    CLS (index 0 of the feature layer never selected), float32 scores."""
+    policy = VisionDropPolicy(**options)
+    assert policy.score_dtype == score_dtype
+    policy.plan(get_adapter(get_tiny("llava", "sdpa").model).info(), 0.5)
+    assert policy._score.score_dtype == score_dtype  # the CLS-row signal the engine computes
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 65, 32, generator=g)
+    scores = torch.rand(1, 65, generator=g)
+    scores[0, 0] = 1.0  # CLS attends to itself most: a scored CLS would be dominant
+    keys = torch.randn(1, 65, 16, generator=g)
+    ctx = ProjectorInputContext(hidden, {policy._score.key: scores, policy._metric.key: keys}, 0.5, [0], True)
+    (sel,) = policy.select_projector_input(ctx)
+    assert (0 in sel.keep.tolist()) == cls
+    assert sel.keep.numel() == visiondrop_schedule(32, 64 + int(cls), 24, default_boundaries(24))[0]

@@ -30,7 +30,7 @@ WIDTHS = {  # every quantised nn.Linear gets in/out features that are multiples 
     "qwen2_5_vl": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 64}),
     "llava_onevision": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128}),
 }
-KEEP = 0.34  # FastV at layer 2 of the 24-layer tiny LLMs reaches it on every family
+KEEP = 0.375  # FastV at layer 2 of the 24-layer tiny LLMs and pool (24 of 64 = a 6x4 grid) reach it on every family
 
 
 def _cases(family: str) -> list[str]:
@@ -90,12 +90,13 @@ def test_keep_one_leaves_the_quantized_model_untouched(folders, family, mode):
     assert torch.equal(after, before)
 
 
-# bitsandbytes' CPU 4-bit kernel rounds every activation to bfloat16 before its matmul, whatever the compute dtype
-# (`test_cpu_4bit_linear_rounds_its_input_to_bfloat16`). Two computations of one position that differ by one float32
-# ulp (sdpa over 46 keys in the cached prefill, over 48 in the recomputation) then land, now and then, on
-# different bfloat16 values: a jump of 2^-8 relative in one activation, about 1e-3 in these models' logits (seen on
-# OneVision with `random`: 6e-4 from the third generated token on). Float32 and 8-bit models keep 1e-4.
-TOLERANCE = {"8bit": 1e-4, "4bit": 2e-3}
+# bitsandbytes' CPU 8-bit kernel casts every activation to float16 before quantising it, whatever the compute dtype
+# (`test_cpu_8bit_linear_rounds_its_input_to_float16`). Two computations of one position that differ by one float32
+# ulp (sdpa over 46 keys in the cached prefill, over 48 in the recomputation) then land, now and then, on different
+# float16 values: a jump of 2^-11 relative in one activation, up to about 1e-3 in these models' logits (seen with
+# holov and in-LLM random: 4e-4 and 1.4e-3). bitsandbytes 0.50's CPU 4-bit kernel computes in float32 (earlier
+# releases rounded its input to bfloat16 and needed the same tolerance); 2e-3 covers both.
+TOLERANCE = {"8bit": 2e-3, "4bit": 2e-3}
 # HoliTom's inner merge on OneVision ranks the whole image span, newline tokens included, and keeps a fixed number of
 # them: how many of the kept ones are grid cells (what `visual_mean` counts) depends on the scores. What its budget
 # fixes is the number of image-span tokens per layer, compared for these cases instead.
@@ -133,12 +134,12 @@ def test_every_policy_on_a_quantized_model(folders, family, case, mode):
     assert counts == float_counts if (family, case) in SPAN_BUDGETED else counts == pytest.approx(float_counts)
 
 
-def test_cpu_4bit_linear_rounds_its_input_to_bfloat16(folders):
-    """What the 4-bit tolerance above rests on: if a bitsandbytes release stops rounding, this fails and the
+def test_cpu_8bit_linear_rounds_its_input_to_float16(folders):
+    """What the 8-bit tolerance above rests on: if a bitsandbytes release stops rounding, this fails and the
     tolerance should go back to 1e-4."""
-    model = quantized("llava", "4bit", folders["llava", "4bit"])
+    model = quantized("llava", "8bit", folders["llava", "8bit"])
     linear = model.model.language_model.layers[0].self_attn.o_proj
     x = torch.randn(2, 9, linear.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(linear(x), linear(x.bfloat16().float()))
-        assert not torch.equal(x, x.bfloat16().float())
+        assert torch.equal(linear(x), linear(x.half().float()))
+        assert not torch.equal(x, x.half().float())

@@ -139,7 +139,7 @@ def test_multi_image_sample_is_not_tiled():
     assert [s.length for s in shapes] == [17, 17]
 
 
-@pytest.mark.parametrize("keep", [1, 3, 10_000])
+@pytest.mark.parametrize("keep", [1, 3, 64])  # above 64: BudgetError (tests/test_budget_rule.py)
 def test_integer_keep_counts_tokens_per_image(keep):
     vlm = get_tiny("llava", "sdpa")
     inputs = image_inputs(vlm, 2)

@@ -221,8 +221,9 @@ def test_engine_delivers_vision_signals_inside_generate(family):
     kinds = ("received", "cls") if family == "llava" else ("received",)
     probe = SignalProbe(1, kinds)
     inputs = image_inputs(vlm, 2)
-    with tokenzip.apply(vlm.model, probe, 0.5), torch.no_grad():
+    with tokenzip.apply(vlm.model, probe, 0.5) as patch, torch.no_grad():
         vlm.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    probe = patch.policy  # apply works on its own copy of a Policy instance
     assert len(probe.seen) == 2  # one item per sample
     adapter = get_adapter(vlm.model)
     module = adapter.vision_attention(1)

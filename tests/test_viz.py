@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +11,22 @@ from typer.testing import CliRunner
 import tokenzip
 from tokenzip.cli import app
 from tokenzip.testing.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
-from tokenzip.viz import GAP, KEPT, MERGED, TINT, cell_states, draw_item, kept_grid, model_view, overlay, panels, show
+from tokenzip.viz import (
+    GAP,
+    KEPT,
+    MERGED,
+    MIN_FIGURE_WIDTH,
+    TINT,
+    cell_states,
+    draw_item,
+    figure,
+    kept_grid,
+    model_view,
+    overlay,
+    panel_labels,
+    panels,
+    show,
+)
 
 
 def _cell_centres(size, rows, cols):
@@ -47,18 +63,36 @@ def test_show_marks_exactly_the_kept_tokens(family):
         assert picture.getpixel((x, y)) == (view.getpixel((x, y)) if k else (0, 0, 0))
 
 
-def test_show_cli_writes_the_overlay(tmp_path):
+def test_show_cli_writes_the_labelled_figure(tmp_path):
     source = tmp_path / "in.png"
     dummy_image(112, 112).save(source)
     out = tmp_path / "kept.png"
-    args = ["show", "--image", str(source), "--policy", "pool", "--keep", "0.25", "-o", str(out)]
+    args = ["show", "--image", str(source), "--policy", "pool", "--keep", "0.25", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert Image.open(out).size == (112, 112)
-    result = CliRunner().invoke(app, [*args[:-2], "--model", "tiny-llava_onevision", "--stages", "-o", str(out)])
+    assert "answer (pool, keep=0.25): " in result.output and "16 of 64 visual tokens" in result.output
+    assert Image.open(out).width >= MIN_FIGURE_WIDTH  # the 112 px overlay, scaled up with title and legend
+    result = CliRunner().invoke(app, [*args[:-2], "--model", "tiny-llava_onevision", "--stages", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, [*args[:-2], "--policy", "nonsense", "-o", str(out)])
+    result = CliRunner().invoke(app, [*args[:-2], "--policy", "nonsense", "--out", str(out)])
     assert result.exit_code != 0 and "nonsense" in result.output
+
+
+def test_figure_is_the_overlay_scaled_with_labels(tmp_path):
+    """`figure` keeps the overlay's pixels (nearest-neighbour scaling) inside a frame of title, labels and legend."""
+    vlm = tiny("llava")
+    image = dummy_image(112, 112)
+    with tokenzip.apply(vlm.model, "random", 0.25) as patch, torch.no_grad():
+        vlm.model(**_image_inputs(vlm, image))
+        record = patch.stats.last
+    item = record.samples[0].items[0]
+    plain = draw_item(vlm.model, item, image, dim=1.0)
+    labelled = figure(vlm.model, record, image, dim=1.0, subtitle="Q: ? A: !")
+    assert labelled.width >= MIN_FIGURE_WIDTH and labelled.height > labelled.width * plain.height / plain.width / 2
+    assert panel_labels(vlm.model, item) == ["image"]
+    dark = np.asarray(plain).sum(-1) == 0  # dropped cells (dim 1: black)
+    dark_share = (np.asarray(labelled).sum(-1) == 0).mean()
+    assert 0 < dark_share < dark.mean()  # the black cells are there, on a larger canvas with white margins
 
 
 def _record(vlm, inputs, policy, keep, **options):

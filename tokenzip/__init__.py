@@ -3,14 +3,15 @@
 import tokenzip
 patch = tokenzip.apply(model, policy="fastv", keep=0.5)
 model.generate(**inputs)
-patch.remove()
+patch.remove()                  # or tokenzip.remove(model)
 """
 
-from .api import Patch, apply, current_patch
+from .api import Patch, apply, current_patch, remove
 from .errors import (
     BudgetError,
     PolicyOptionError,
     TokenzipError,
+    TokenzipWarning,
     UnknownPolicyError,
     UnsupportedInputError,
     UnsupportedModelError,
@@ -25,6 +26,7 @@ __all__ = [
     "Policy",
     "PolicyOptionError",
     "TokenzipError",
+    "TokenzipWarning",
     "UnknownPolicyError",
     "UnsupportedInputError",
     "UnsupportedModelError",
@@ -32,4 +34,5 @@ __all__ = [
     "apply",
     "current_patch",
     "list_policies",
+    "remove",
 ]

@@ -3,14 +3,21 @@
 `keep` is either a float in (0, 1] (fraction of the visual tokens of each image / video) or an int >= 1
 (tokens per image, per video for video). It is the *layer-averaged* visual-token budget of the LLM; one-shot
 pre-LLM policies simply let that many tokens enter the LLM. Per item with N content tokens:
-n = max(1, round(keep * N)) for a float (Python's round, ties to even), min(keep, N) for an int.
-So keep 0.111 / 0.222 / 0.333 of 576 gives 64 / 128 / 192 and keep 0.11 gives 63.
+n = max(1, round(keep * N)) for a float (Python's round, ties to even), keep itself for an int; an int keep larger
+than an item's N is a `BudgetError` naming N (it is never silently "keep all"). So keep 0.111 / 0.222 / 0.333 of
+576 gives 64 / 128 / 192 and keep 0.11 gives 63.
+
+The budget rule every policy follows: the layer-averaged visual tokens of each sample (`SampleRecord.visual_mean`)
+equal the sum of `item_budget` over its items within one token per item, or the policy raises `BudgetError` (at
+`apply` or the first forward) naming the smallest keep it can reach (`infeasible_budget`); a policy whose reachable
+budgets are discrete (`pool`) names the nearest reachable ones (`unreachable_budget`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 from .errors import BudgetError
 
@@ -43,12 +50,79 @@ def is_passthrough(keep: Keep) -> bool:
 
 
 def item_budget(keep: Keep, n_tokens: int) -> int:
-    """Tokens to keep out of `n_tokens` content tokens of one image / video (at least 1, at most all)."""
+    """Tokens to keep out of `n_tokens` content tokens of one image / video (at least 1, at most all).
+
+    An int `keep` larger than `n_tokens` raises `BudgetError` naming the item's token count."""
     if n_tokens <= 0:
         return 0
     if isinstance(keep, int):
-        return min(keep, n_tokens)
+        if keep > n_tokens:
+            raise BudgetError(
+                f"keep={keep} tokens per item, but an image / video here has only {n_tokens} visual tokens; "
+                f"pass an int keep <= {n_tokens} or a fraction in (0, 1] (keep=1.0 keeps everything)"
+            )
+        return keep
     return min(n_tokens, max(1, round(keep * n_tokens)))
+
+
+def sample_budget(keep: Keep, sizes: Sequence[int]) -> int:
+    """The layer-averaged budget of a sample whose items have `sizes` content tokens: the sum of `item_budget`."""
+    return sum(item_budget(keep, n) for n in sizes)
+
+
+def _float_budget(keep: float, sizes: Sequence[int]) -> int:
+    return sum(min(n, max(1, round(keep * n))) for n in sizes if n > 0)
+
+
+def smallest_keep(min_tokens: float, sizes: Sequence[int]) -> tuple[float | None, int | None]:
+    """The smallest float keep (on a grid of 1e-4, so that it prints exactly with 4 decimals) and the smallest int
+    keep whose budget over items of `sizes` content tokens is at least `min_tokens`; None where no keep reaches
+    it (an int keep is limited by the smallest item)."""
+    sizes = [n for n in sizes if n > 0]
+    if not sizes or _float_budget(1.0, sizes) < min_tokens:
+        return None, None
+    lo, hi = 1, 10_000  # keep = k / 1e4: the budget is non-decreasing in k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _float_budget(mid / 10_000, sizes) >= min_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    as_int = max(1, math.ceil(min_tokens / len(sizes)))
+    return lo / 10_000, (as_int if as_int <= min(sizes) else None)
+
+
+def keep_hint(fraction: float | None, tokens: int | None) -> str:
+    """'0.2617 (keep >= 0.2617, or an int keep >= 17 tokens per item)': how a `BudgetError` names a keep."""
+    if fraction is None:
+        return "none (no keep reaches it on these items)"
+    text = f"{fraction:.4f} (keep >= {fraction:.4f}"
+    return text + (f", or an int keep >= {tokens} tokens per item)" if tokens is not None else ")")
+
+
+def infeasible_budget(
+    policy: str, reason: str, keep: Keep | None, budget: float, min_tokens: float, sizes: Sequence[int]
+) -> BudgetError:
+    """The `BudgetError` of a policy that cannot go below a layer average of `min_tokens` visual tokens on a sample
+    whose items have `sizes` content tokens while `keep` asks for `budget`: names the floor and the smallest
+    reachable keep."""
+    asked = f"keep={keep!r} asks for" if keep is not None else "asked for"
+    fraction, tokens = smallest_keep(min_tokens, sizes)
+    return BudgetError(
+        f"{policy}: {asked} a layer-averaged budget of {budget:g} visual tokens of {sum(sizes)}, which is "
+        f"infeasible: below the {min_tokens:.2f} it can reach ({reason}); the smallest reachable keep is "
+        f"{keep_hint(fraction, tokens)}"
+    )
+
+
+def unreachable_budget(policy: str, reason: str, keep: Keep, below: Keep | None, above: Keep | None) -> BudgetError:
+    """The `BudgetError` of a policy whose reachable budgets are discrete (`pool`): names the nearest reachable
+    keeps below and above the asked one."""
+    near = [f"{k:.4f}" if isinstance(k, float) else f"{k} tokens per item" for k in (below, above) if k is not None]
+    return BudgetError(
+        f"{policy}: keep={keep!r} cannot be met within one token per item ({reason}); the nearest reachable keep "
+        f"is {' or '.join(near) if near else 'none'}"
+    )
 
 
 def one_stage_llm_count(target: float, n_tokens: int, layer: int, n_layers: int) -> float:

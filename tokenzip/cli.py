@@ -8,8 +8,80 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token compression for HF VLMs.")
+HELP = """Visual-token compression for HF VLMs.
+
+In every subcommand `-o` / `--option` sets a policy option (repeatable): `key=value` where one policy runs (flops,
+show), `policy.key=value` where several do (bench, eval; flops and show accept that form too). Output files and
+folders are always `--out`."""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 console = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"tokenzip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    pass
+
+
+_main.__doc__ = HELP
+
+
+class RunProgress:
+    """Progress of a sequence of runs: a rich progress bar on a terminal; elsewhere (a pipe, a CI log, a file) one
+    plain line when it starts and one per finished run, flushed at once, so a log shows where a long job is."""
+
+    def __init__(self, total: int, title: str, out: Console | None = None) -> None:
+        self.total, self.title, self.out = total, title, out or console
+        self.done = 0
+        self._bar = None
+        self._task = None
+        self._start = 0.0
+
+    def __enter__(self) -> RunProgress:
+        import time
+
+        self._start = time.perf_counter()
+        if self.out.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self._bar = Progress(*columns, console=self.out, transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.title, total=self.total)
+        else:
+            self._line(f"{self.title}: {self.total} runs")
+        return self
+
+    def _line(self, text: str) -> None:
+        self.out.print(text, highlight=False, markup=False, soft_wrap=True)
+        self.out.file.flush()
+
+    def advance(self, label: str, detail: str = "") -> None:
+        """One run finished: `label` names it (e.g. 'hiprune keep=0.111'), `detail` says what it measured."""
+        import time
+
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=f"{self.title}: {label}")
+            return
+        elapsed = time.perf_counter() - self._start
+        self._line(f"[{self.done}/{self.total}] {label}{': ' + detail if detail else ''} ({elapsed:.0f} s)")
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
 
 
 @app.command("policies")
@@ -97,6 +169,26 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
+def single_policy_options(pairs: list[str], policy: str) -> dict:
+    """Options of the one policy a command runs: `key=value`, or `policy.key=value` naming that policy (the form
+    bench and eval take). A value that is not key=value gets an error saying what -o means."""
+    options = {}
+    for pair in pairs:
+        head, sep, _ = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(
+                f"-o/--option {pair!r} is not key=value: -o sets a policy option in every tokenzip command "
+                "(e.g. -o alpha=0.2); the output file is --out"
+            )
+        prefix, dot, _ = head.partition(".")
+        if dot and prefix == policy:
+            pair = pair[len(policy) + 1 :]
+        elif dot:
+            raise typer.BadParameter(f"option {pair!r} names policy {prefix!r}, but this command runs {policy!r}")
+        options.update(parse_options([pair]))
+    return options
+
+
 def parse_keep(text: str):
     """'0.111' -> float, '64' -> int tokens per image."""
     return int(text) if text.isdigit() else float(text)
@@ -111,7 +203,9 @@ def flops_command(
     images: int = typer.Option(1, help="images in the prompt"),
     image_size: str = typer.Option("", help="HxW of each image (Qwen2.5-VL default 448x448, OneVision 768x768)"),
     frames: int = typer.Option(0, help="price a video of this many frames instead of images"),
-    option: list[str] = typer.Option([], "--option", "-o", help="policy option key=value (repeatable)"),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="policy option key=value or policy.key=value (repeatable)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     list_models: bool = typer.Option(False, "--list", help="list the built-in models and exit"),
 ) -> None:
@@ -138,7 +232,7 @@ def flops_command(
         size = (h, w)
     try:
         keep_value = validate_keep(parse_keep(keep))
-        policy_obj = get_policy_class(policy)(**parse_options(option))
+        policy_obj = get_policy_class(policy)(**single_policy_options(option, policy))
         meta = meta_model(model)
         work = workload(meta, images=images, image_size=size, frames=frames, text_tokens=text_tokens)
         base = price(meta, work, get_policy_class("none")(), 1.0)
@@ -224,19 +318,24 @@ def bench_command(
     prompt: str = typer.Option("Describe the image in detail .", help="the question (tiny / pretrained models)"),
     batch: int = typer.Option(1, help="identical prompts per batch"),
     warmup: int = typer.Option(1, help="unmeasured runs per row"),
-    repeats: int = typer.Option(5, help="measured runs per row (median and p90 reported)"),
+    repeats: int = typer.Option(
+        5, help="measured runs per row (median with its interquartile range, or range below 4; p90 in the files)"
+    ),
     decode_tokens: int = typer.Option(16, help="tokens generated for decode speed and agreement (0: skip)"),
     no_flops_count: bool = typer.Option(False, "--no-flops-count", help="skip counting the policies' own FLOPs"),
     out: Path = typer.Option(
-        Path("bench-results"), help="folder for results.json, results.csv, results.md and the plots"
+        Path("bench-results"), "--out", help="folder for results.json, results.csv, results.md and the plots"
     ),
     seed: int = typer.Option(0, help="seed of random weights and synthetic inputs"),
     accuracy: int = typer.Option(
         0, help="also score the first N synthetic test questions under every row (bundled synth-* models)"
     ),
 ) -> None:
-    """Measure policies side by side: tokens, FLOPs, TTFT per stage and vs. the oracle, decode speed, memory
-    (and, with --accuracy N on a bundled trained model, accuracy on the synthetic test split).
+    """Measure policies side by side: tokens vs budget, FLOPs, TTFT per stage and vs. the oracle, decode speed,
+    memory (and, with --accuracy N on a bundled trained model, accuracy on the synthetic test split).
+
+    Times come with their spread; the first row (none, keep 1.0) is the timing control and the header quotes it;
+    rows off their layer-averaged budget and a control whose runs disagree beyond their noise are flagged.
 
     With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy at keep 0.111 / 0.222 /
     0.333 plus the unpruned reference, and writes results.json, results.csv, results.md, quality_vs_flops.png and
@@ -244,8 +343,6 @@ def bench_command(
     """
     import shlex
     import sys
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .bench import BenchSettings, Workload, load_model, run_bench
     from .bench.report import table, write
@@ -301,12 +398,10 @@ def bench_command(
             return evaluate(patched, bm.processor, bm.family, "test", accuracy)["all"]
 
     total = 1 + len([p for p in names if p != "none"]) * len(settings.keeps)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"{bm.name}: unpatched reference", total=total)
+    with RunProgress(total, f"tokenzip bench {bm.name}") as progress:
 
         def on_row(row) -> None:
-            progress.update(task, advance=1, description=f"{bm.name}: {row.policy} keep={row.keep}")
+            progress.advance(f"{row.policy} keep={row.keep}", bench_row_summary(row))
 
         try:
             result = run_bench(bm, work, settings, evaluator=evaluator, on_row=on_row)
@@ -319,52 +414,90 @@ def bench_command(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def bench_row_summary(row) -> str:
+    """One plain-text line of a finished bench row (the progress lines off a terminal)."""
+    if row.error is not None:
+        return row.error
+    parts = [
+        f"layer avg {row.layer_mean_tokens:.1f} / budget {row.budget_tokens:g}",
+        f"TTFT {row.ttft.median * 1e3:.1f} ms",
+        f"overhead {row.overhead:.3f}",
+    ]
+    if row.accuracy is not None:
+        parts.append(f"accuracy {row.accuracy:.3f}")
+    return ", ".join(parts + row.flags)
+
+
 @app.command("show")
 def show_command(
     image: Path = typer.Option(..., help="image file"),
     model: str = typer.Option(
-        "tiny-llava", help="tiny-llava | tiny-qwen2_5_vl (random, offline), a bundled name, hub id or directory"
+        "tiny-llava",
+        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision (random, offline), a bundled name (synth-llava, "
+        "...), hub id or directory",
     ),
     question: str = typer.Option("What is in the image ?", help="the question asked about the image"),
     policy: str = typer.Option("hiprune", help="policy name"),
     keep: str = typer.Option("0.111", help="keep (fraction or int tokens per image)"),
-    option: list[str] = typer.Option([], "--option", help="policy option key=value (repeatable)"),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="policy option key=value or policy.key=value (repeatable)"
+    ),
     dim: float = typer.Option(0.75, help="darkening of dropped cells (0..1)"),
     stages: bool = typer.Option(False, "--stages", help="one row per stage that changed the tokens"),
-    out: Path = typer.Option(Path("kept.png"), "--out", "-o", help="output PNG"),
+    new_tokens: int = typer.Option(8, help="tokens of the answer to generate"),
+    out: Path = typer.Option(Path("kept.png"), "--out", help="output PNG"),
 ) -> None:
-    """Draw the visual tokens a policy keeps on the image as the model sees it: dropped cells darkened, kept cells
-    outlined, merged groups tinted one colour each (anyres: base image, then the high-resolution tiles)."""
+    """Answer the question under the policy, print the answer and the visual tokens kept, and draw them on the image
+    as the model sees it (a labelled figure: title with policy and keep, legend, dropped cells darkened, kept cells
+    outlined, merged groups tinted; OneVision: base image, then the high-resolution tiles)."""
+    import torch
     from PIL import Image
 
+    from .api import apply
+    from .bench.checks import check_sample
     from .errors import TokenzipError
-    from .viz import show
+    from .viz import figure, prompt_inputs
 
+    if new_tokens < 1:
+        raise typer.BadParameter(f"--new-tokens must be >= 1, got {new_tokens}")
     try:
         if model.startswith("tiny-"):
-            from .testing.tiny import tiny
+            from .testing.tiny import FACTORIES, tiny
 
+            if model[len("tiny-") :] not in FACTORIES:
+                raise ValueError(
+                    f"unknown tiny model {model!r}; choose one of {', '.join('tiny-' + f for f in FACTORIES)}"
+                )
             vlm = tiny(model[len("tiny-") :])
             loaded, processor = vlm.model, vlm.processor
         else:
             from .loading import load_vlm
 
             loaded, processor = load_vlm(model)
-        picture = show(
-            loaded,
-            processor,
-            Image.open(image),
-            question,
-            policy,
-            parse_keep(keep),
-            dim=dim,
-            stages=stages,
-            **parse_options(option),
-        )
+        keep_value = parse_keep(keep)
+        picture_in = Image.open(image).convert("RGB")
+        inputs = prompt_inputs(loaded, processor, picture_in, question)
+        with apply(loaded, policy, keep_value, **single_policy_options(option, policy)) as patch, torch.no_grad():
+            tokens = loaded.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+            record = patch.stats.last  # the prefill (decode steps are not recorded)
     except (FileNotFoundError, TokenzipError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
+    answer = processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    sample = record.samples[0]
+    check = check_sample(record.keep, sample)
+    console.print(f"question: {question}", highlight=False)
+    console.print(f"answer ({policy}, keep={keep_value}): {answer}", highlight=False)
+    for j, item in enumerate(sample.items):
+        console.print(
+            f"{item.modality} {j}: {item.kept} of {item.content} visual tokens enter the LLM", highlight=False
+        )
+    flag = " (OFF BUDGET)" if check.off else ""
+    console.print(
+        f"layer-averaged visual tokens {check.layer_mean:.1f}, budget {check.budget:g}{flag}", highlight=False
+    )
+    picture = figure(loaded, record, picture_in, dim=dim, stages=stages, subtitle=f"Q: {question}  A: {answer}")
     picture.save(out)
-    console.print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})")
+    console.print(f"wrote {out} ({picture.size[0]}x{picture.size[1]})", highlight=False)
 
 
 @app.command("tasks-path")
@@ -388,7 +521,7 @@ def eval_command(
     batch_size: int = typer.Option(8, help="lmms-eval batch size"),
     device: str = typer.Option("", help="cpu, cuda or cuda:N (default: cuda when available)"),
     attn: str = typer.Option("sdpa", help="sdpa, flash_attention_2 or eager"),
-    out: Path = typer.Option(Path("eval-results"), help="folder for eval.json and eval.md"),
+    out: Path = typer.Option(Path("eval-results"), "--out", help="folder for eval.json and eval.md"),
 ) -> None:
     """Score a policy x keep grid with lmms-eval and print one table: accuracy, retention vs. unpruned, agreement
     with the unpruned model, visual tokens, FLOPs ratio (default: the bundled synth-llava on tokenzip_synth,
@@ -409,22 +542,27 @@ def eval_command(
         raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(known)}")
     keep_values = [parse_keep(k.strip()) for k in keeps.split(",") if k.strip()]
 
+    total = 1 + len([p for p in names if p != "none"]) * len(keep_values)
+    progress = RunProgress(total, f"tokenzip eval {model} on {task}")
+
     def on_row(row) -> None:
-        console.print(" ".join(f"{label}={cell}" for (_, label, _), cell in zip(COLUMNS, cells(row))))
+        detail = ", ".join(f"{label} {cell}" for (_, label, _), cell in zip(COLUMNS[2:], cells(row)[2:]) if cell)
+        progress.advance(f"{row.policy} keep={row.keep}", detail)
 
     try:
-        rows = run_grid(
-            pretrained=model,
-            task=task,
-            policies=names,
-            keeps=keep_values,
-            limit=limit or None,
-            batch_size=batch_size,
-            attn_implementation=attn,
-            device=device or None,
-            policy_options=parse_policy_options(option),
-            on_row=on_row,
-        )
+        with progress:
+            rows = run_grid(
+                pretrained=model,
+                task=task,
+                policies=names,
+                keeps=keep_values,
+                limit=limit or None,
+                batch_size=batch_size,
+                attn_implementation=attn,
+                device=device or None,
+                policy_options=parse_policy_options(option),
+                on_row=on_row,
+            )
     except (FileNotFoundError, TokenzipError, ValueError) as err:  # e.g. the bundled model is not installed
         raise typer.BadParameter(str(err)) from err
     _print_eval(rows, model, task, out)
@@ -438,11 +576,15 @@ def _print_eval(rows, model: str, task: str, out: Path) -> None:
 
     from .evaluation.grid import COLUMNS, cells, write
 
-    table = Table(title=f"{model} on {task}")
+    table = Table(
+        title=f"{model} on {task}",
+        caption="budget: layer-averaged visual tokens keep allows per sample; OFF BUDGET: samples whose layer average "
+        "is more than one token per item away from it.",
+    )
     for _, label, _ in COLUMNS:
-        table.add_column(label, justify="left" if label == "policy" else "right")
+        table.add_column(label, justify="left" if label in ("policy", "note") else "right")
     for row in rows:
-        table.add_row(*cells(row))
+        table.add_row(*cells(row), style="red" if row.off_budget else None)
     wide = console if console.is_terminal else Console(width=200)
     wide.print(table)
     command = "tokenzip " + " ".join(shlex.quote(a) for a in sys.argv[1:])

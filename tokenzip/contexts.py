@@ -55,15 +55,18 @@ class VisionSignal:
     'keys':     the layer's key vectors averaged over heads (before the 2-D RoPE on Qwen2.5-VL): [*, head_dim].
 
     Policies receive them mapped onto each item's LLM tokens (`PreLLMItem.signals`), or per tower row
-    (`ProjectorInputContext.signals`).
+    (`ProjectorInputContext.signals`). `score_dtype` ("float32" or "model", see `tokenzip.signals.attention`)
+    sets the numerics of the attention kinds; 'keys' are always head-means in float32.
     """
 
     kind: str
     layer: int
+    score_dtype: str = "float32"
 
     @property
     def key(self) -> str:
-        return f"vision.{self.kind}@{self.layer}"
+        suffix = "" if self.score_dtype == "float32" or self.kind == "keys" else f":{self.score_dtype}"
+        return f"vision.{self.kind}@{self.layer}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,18 @@ class LLMSignal:
     'last_row':         [B, L] head-mean attention of each sample's last token over all slots (FastV);
     'rows_from_visual': [B, L, L] head-mean attention of every query row from the batch's first visual slot on
                         (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows).
+
+    `score_dtype`: "float32" or "model" (see `tokenzip.signals.attention`).
     """
 
     kind: str
     layer: int
+    score_dtype: str = "float32"
 
     @property
     def key(self) -> str:
-        return f"llm.{self.kind}@{self.layer}"
+        suffix = "" if self.score_dtype == "float32" else f":{self.score_dtype}"
+        return f"llm.{self.kind}@{self.layer}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -194,8 +201,9 @@ class PreLLMItem:
 class LLMStageContext:
     """Input of an in-LLM stage: the hidden states entering decoder layer `layer` during prefill.
 
-    `attention_received(query_mask [B, L])` recomputes, from this layer's own q/k, the mean attention each
-    slot receives from the selected queries ([B, L]); `head_mean_keys()` gives this layer's post-RoPE keys
+    `attention_received(query_mask [B, L], score_dtype="float32")` recomputes, from this layer's own q/k, the
+    mean attention each slot receives from the selected queries ([B, L]; `score_dtype` as in
+    `tokenzip.signals.attention`); `head_mean_keys()` gives this layer's post-RoPE keys
     averaged over heads ([B, L, head_dim]). `signals` holds captured LLM signals by key; `item_signals[(b, j)]`
     the vision signals of sample b's item j mapped onto the item's tokens (as `PreLLMItem.signals`);
     `input_layout` the layout at the LLM input; `note(text)` records a remark in `patch.stats`.
@@ -209,7 +217,7 @@ class LLMStageContext:
     items: ItemsOfBatch
     keep: Keep
     signals: dict[str, torch.Tensor]
-    attention_received: Callable[[torch.Tensor], torch.Tensor]
+    attention_received: Callable[..., torch.Tensor]
     sample_keys: list[int] = field(default_factory=list)
     head_mean_keys: Callable[[], torch.Tensor] | None = None
     item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)

@@ -25,3 +25,7 @@ class PolicyOptionError(TokenzipError, ValueError):
 
 class UnsupportedInputError(TokenzipError, ValueError):
     """The inputs of a forward call cannot be compressed as asked (e.g. a StaticCache with an in-LLM stage)."""
+
+
+class TokenzipWarning(UserWarning):
+    """Something tokenzip did that may not be what was meant (e.g. a second patch applied over a first)."""

@@ -254,7 +254,11 @@ def show(
     stages: bool = False,
     **options,
 ) -> Image.Image:
-    """Run one prefill of `question` about `image` under `policy` and draw its tokens (`draw_item`)."""
+    """Run one prefill of `question` about `image` under `policy` and draw its tokens (`draw_item`).
+
+    A patch the model already has is suspended for this one prefill and restored afterwards, unchanged."""
+    import warnings
+
     import tokenzip
 
     content = [{"type": "image"}, {"type": "text", "text": question}]
@@ -262,7 +266,105 @@ def show(
     inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    with tokenzip.apply(model, policy, keep, **options) as patch:
+    with warnings.catch_warnings():  # stacking over the user's patch is intended here (restored on exit)
+        warnings.simplefilter("ignore", tokenzip.TokenzipWarning)
+        patch = tokenzip.apply(model, policy, keep, **options)
+    with patch:
         model(**inputs)
         record = patch.stats.last
     return draw_item(model, record.samples[0].items[0], image, dim=dim, stages=stages)
+
+
+MIN_FIGURE_WIDTH = 512  # pixels: `figure` never returns a narrower picture
+
+
+def panel_labels(model, item: ItemRecord) -> list[str]:
+    """One label per panel of `draw_item`, left to right: 'image'; OneVision anyres 'base image' then 'high-res
+    tiles'; 'frame k' for videos (Qwen2.5-VL: 'frames 2t-2t+1', the two frames of one temporal patch)."""
+    family = get_adapter(model).family
+    parts = item.shape.parts if item.shape is not None else []
+    labels = []
+    for p, part in enumerate(parts):
+        for frame in range(part.frames):
+            if item.modality == "video":
+                labels.append(f"frames {2 * frame}-{2 * frame + 1}" if family == "qwen2_5_vl" else f"frame {frame}")
+            elif len(parts) > 1:
+                labels.append("base image" if p == 0 else "high-res tiles")
+            else:
+                labels.append("image")
+    return labels
+
+
+def prompt_inputs(model, processor, image: Image.Image, question: str) -> dict:
+    """Processor inputs of one image and one question in the model's chat template, on the model's device."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = dict(processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt"))
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def figure(
+    model,
+    record,
+    pictures: Image.Image | list[Image.Image],
+    sample: int = 0,
+    item: int = 0,
+    dim: float = 0.75,
+    stages: bool = False,
+    subtitle: str = "",
+) -> Image.Image:
+    """`draw_item` of one recorded item as a labelled figure at least `MIN_FIGURE_WIDTH` pixels wide: a title with
+    the policy, keep and the item's counts (kept of content tokens entering the LLM, the sample's layer average
+    and budget), `subtitle` (e.g. the question and answer) below it, a label above every panel (OneVision: base
+    image vs high-res tiles) and a legend (kept / dropped / merged group).
+
+    record: a `ForwardRecord` (`patch.stats.last`); sample, item: which of its items to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch as Swatch
+
+    from .bench.checks import check_sample
+
+    rec = record.samples[sample]
+    it = rec.items[item]
+    pictures = [pictures] if isinstance(pictures, Image.Image) else list(pictures)
+    drawn = draw_item(model, it, pictures, dim=dim, stages=stages)
+    grid = panels(model, it, pictures)
+    check = check_sample(record.keep, rec)
+    title = (
+        f"{record.policy}, keep={record.keep}: {it.kept} of {it.content} visual tokens enter the LLM "
+        f"(layer avg {check.layer_mean:.1f}, budget {check.budget:g}{', OFF BUDGET' if check.off else ''})"
+    )
+    scale = max(1.0, MIN_FIGURE_WIDTH / drawn.width) * 1.25  # room for the margins
+    dpi = 100
+    width_in = max(6.4, drawn.width * scale / dpi)
+    height_in = width_in * drawn.height / drawn.width + 1.6
+    fig, ax = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
+    ax.imshow(np.asarray(drawn), interpolation="nearest")
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=10, wrap=True)
+    if subtitle:
+        ax.set_title(subtitle, fontsize=9, pad=16)
+    x = LABEL_WIDTH if stages else 0
+    for label, p in zip(panel_labels(model, it), grid):
+        ax.text(x + p.image.width / 2, -2, label, ha="center", va="bottom", fontsize=8)
+        x += p.image.width + GAP
+    handles = [
+        Swatch(facecolor="white", edgecolor=np.array(OUTLINE) / 255, linewidth=2, label="kept (enters the LLM)"),
+        Swatch(facecolor=str(1.0 - dim), edgecolor="none", label="dropped (darkened)"),
+    ]
+    if it.groups is not None and it.groups.numel():
+        handles.append(Swatch(facecolor=np.array(group_colors(1)[0]) / 255, alpha=TINT, label="merged group (tint)"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(handles), fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    out = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+    plt.close(fig)
+    if out.width < MIN_FIGURE_WIDTH:
+        factor = MIN_FIGURE_WIDTH / out.width
+        out = out.resize((MIN_FIGURE_WIDTH, round(out.height * factor)), Image.Resampling.LANCZOS)
+    return out

@@ -113,9 +113,11 @@ def load_model(
 
     if name in assets.FAMILY_OF:
         try:
-            name = str(assets.path(name))
+            bundled = _pretrained(str(assets.path(name)), dev, torch_dtype, attn)
         except FileNotFoundError as err:
             raise BenchSetupError(str(err)) from err
+        bundled.name = name  # titles and progress say synth-llava, not the install path
+        return bundled
     if name in BUILTIN:
         raise BenchSetupError(
             f"{name!r} is a built-in config without weights: add --random-weights for a real-shaped random model, "

@@ -16,6 +16,15 @@ For every (policy, keep) row, with the patch applied to the one loaded model:
   prefill; the policy's own scoring FLOPs are counted by `FlopCounterMode` and reported apart.
 * **peak memory**: see `tokenzip.bench.timing.PeakMemory`; **agreement**: the fraction of the first 1 + n
   greedy tokens equal to the unpatched model's; **accuracy** and **retention** when an evaluator is given.
+* **budget**: each sample's layer-averaged visual tokens against the sum over its items of `item_budget(keep,
+  n_content)`; a row with a sample more than one token per item away is flagged off budget
+  (`tokenzip.bench.checks`).
+* **noise and the control**: every time is a `Summary` of the repeats (median, quartiles, range); its `spread`
+  (interquartile range from 4 repeats on, the range below) is the noise. The first row, policy ``none`` at keep
+  1.0, is the control: its policy runs, its replays and the model without hooks (`BenchResult.unpatched_ttft`,
+  timed before any patch) do the same work, so medians further apart than their noise flag the control, and
+  every overhead on the table is only as good as it. A policy row whose TTFT and oracle medians lie within their
+  noise has `overhead_resolved = False` (its overhead is indistinguishable from 1).
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from ..budget import Keep, validate_keep
 from ..engine.accounting import measure_flops
 from ..errors import TokenzipError
 from ..flops import breakdown_of_record
+from .checks import budget_note, check_record
 from .models import BenchModel, Workload
-from .timing import PeakMemory, Summary, synchronize, timed
+from .timing import PeakMemory, Summary, differs, synchronize, timed
 
 STAGE_MODEL = "vision_encoder"  # the only per-stage entry of a record that is model work
 
@@ -71,6 +81,8 @@ class BenchRow:
     visual_tokens: float = 0.0  # visual tokens per sample before compression
     llm_input_tokens: float = 0.0  # visual tokens per sample entering the LLM
     layer_mean_tokens: float = 0.0  # visual tokens per sample, averaged over decoder layers
+    budget_tokens: float = 0.0  # layer-averaged budget per sample (sum over items of item_budget(keep, n_content))
+    off_budget: bool = False  # a sample's layer average is more than one token per item away from its budget
     flops: dict[str, int] = field(default_factory=dict)
     flops_ratio: float = float("nan")  # prefill model FLOPs / unpruned
     llm_flops_ratio: float = float("nan")
@@ -81,6 +93,7 @@ class BenchRow:
     prefill: Summary | None = None
     oracle: Summary | None = None
     overhead: float = float("nan")  # ttft.median / oracle.median
+    overhead_resolved: bool | None = None  # TTFT and oracle medians differ by more than their noise (None: 1 run)
     decode_tps: float = float("nan")
     peak_memory: int = 0
     added_memory: int = 0
@@ -88,6 +101,7 @@ class BenchRow:
     accuracy: float | None = None
     retention: float | None = None
     notes: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # what makes this row's numbers suspect (off budget, control)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +114,14 @@ class BenchResult:
     workload: Workload
     settings: BenchSettings
     machine: dict[str, str]
-    unpatched_ttft: Summary
+    unpatched_ttft: Summary  # the model without hooks, timed before any patch (compared with the control row)
     rows: list[BenchRow]
+
+    @property
+    def control(self) -> BenchRow | None:
+        """The `none` row at keep 1.0 (the table's reference and timing control), when it ran."""
+        first = self.rows[0] if self.rows else None
+        return first if first is not None and first.policy == "none" and first.error is None else None
 
     def as_dict(self) -> dict:
         return {
@@ -233,11 +253,17 @@ def _measure_row(
     row.visual_tokens = sum(s.visual_in for s in samples) / len(samples)
     row.llm_input_tokens = sum(sum(it.kept + it.padded for it in s.items) for s in samples) / len(samples)
     row.layer_mean_tokens = sum(s.visual_mean for s in samples) / len(samples)
+    checks = check_record(record)
+    row.budget_tokens = sum(c.budget for c in checks) / max(1, len(checks))
+    row.off_budget = any(c.off for c in checks)
+    if row.off_budget:
+        row.flags.append(budget_note(checks))
     row.notes = list(record.notes)
     row.flops = breakdown_of_record(model.config, record, lm_head_tokens=1, overhead=overhead_flops).as_dict()
     row.ttft, row.vision, row.selection = Summary.of(ttft), Summary.of(vision), Summary.of(selection)
     row.prefill, row.oracle = Summary.of(prefill), Summary.of(oracle)
     row.overhead = row.ttft.median / row.oracle.median
+    row.overhead_resolved = differs(row.ttft, row.oracle)
     row.decode_tps = clock.tokens_per_second(tokens.shape[0])
     row.peak_memory, row.added_memory = memory.peak, memory.added
     row.agreement = float((tokens.cpu() == reference).float().mean())
@@ -276,7 +302,26 @@ def run_bench(
         if on_row is not None:
             on_row(row)
     _relative(rows)
+    _control(rows[0], unpatched)
     return BenchResult(bm.name, bm.description, work, settings, machine_description(bm), unpatched, rows)
+
+
+def _control(row: BenchRow, unpatched: Summary) -> None:
+    """Flag the control row (`none`, keep 1.0) when its runs, its replays and the hook-free model disagree by more
+    than their noise: same work, so a gap is drift or bias of the clock, and overheads below it mean nothing."""
+    if row.error is not None or row.ttft is None:
+        return
+    pairs = [
+        ("none", row.ttft, "its replay", row.oracle),
+        ("the model without hooks", unpatched, "the replay", row.oracle),
+    ]
+    for name_a, a, name_b, b in pairs:
+        if differs(a, b):
+            noise = max(a.spread, b.spread) * 1e3
+            row.flags.append(
+                f"control: {name_a} {a.median * 1e3:.1f} ms vs {name_b} {b.median * 1e3:.1f} ms, more than the noise "
+                f"({noise:.1f} ms)"
+            )
 
 
 def _relative(rows: list[BenchRow]) -> None:

@@ -34,20 +34,51 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
 
 @dataclass
 class Summary:
-    """Median and 90th percentile of repeated measurements (seconds or any unit)."""
+    """Repeated measurements (seconds or any unit): median, nearest-rank p90, quartiles and range."""
 
     median: float
     p90: float
     n: int
+    q1: float = float("nan")  # first quartile (median of the lower half, median excluded)
+    q3: float = float("nan")  # third quartile
+    min: float = float("nan")
+    max: float = float("nan")
 
     @classmethod
     def of(cls, values: list[float]) -> Summary:
         if not values:
             return cls(float("nan"), float("nan"), 0)
         ordered = sorted(values)
+        n = len(ordered)
         # nearest-rank p90: the smallest value with at least 90% of the measurements at or below it
-        rank = max(0, -(-9 * len(ordered) // 10) - 1)
-        return cls(statistics.median(ordered), ordered[rank], len(ordered))
+        rank = max(0, -(-9 * n // 10) - 1)
+        lower, upper = ordered[: n // 2] or ordered, ordered[(n + 1) // 2 :] or ordered
+        return cls(
+            statistics.median(ordered),
+            ordered[rank],
+            n,
+            statistics.median(lower),
+            statistics.median(upper),
+            ordered[0],
+            ordered[-1],
+        )
+
+    @property
+    def spread(self) -> float:
+        """The noise of these repeats: the interquartile range from 4 repeats on, the full range for 2 or 3, nan for
+        one measurement (no noise can be estimated)."""
+        if self.n < 2:
+            return float("nan")
+        return self.q3 - self.q1 if self.n >= 4 else self.max - self.min
+
+
+def differs(a: Summary, b: Summary) -> bool | None:
+    """Whether the medians of `a` and `b` differ by more than their noise (the larger `spread` of the two); None
+    when either has a single measurement (the noise is unknown)."""
+    noise = max(a.spread, b.spread)
+    if noise != noise:  # nan
+        return None
+    return abs(a.median - b.median) > noise
 
 
 def _rss_bytes() -> int:

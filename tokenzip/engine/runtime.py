@@ -11,18 +11,26 @@ Hooks (all on this instance; nothing class-level or global):
 * a pre-hook on the decoder stack: rebuilds the LLM input (pre-LLM stage) and, in decode, keeps the 2-D mask
   and positions consistent with the rebuilt prefill;
 * pre-hooks on decoder layers: in-LLM stages and per-layer masks / positions during decode;
-* forward hooks on decoder attention modules for LLM signals (e.g. FastV's last-token row).
+* forward hooks on decoder attention modules for LLM signals (e.g. FastV's last-token row);
+* a post-hook on the decoder stack: a right-padded batch gets its shortened output right-padded again.
+
+Hooks and wrappers are bound methods or small callable objects holding the runtime (no closures), so
+`copy.deepcopy` of a patched model copies them with a runtime of its own that drives the copy. Stages refuse
+non-finite signals and features (`tokenzip.signals.checks.require_finite`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import time
+import types
 import warnings
+import weakref
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from ..adapters.base import SUPPORTED_ATTENTION, Adapter
 from ..budget import Keep, is_passthrough
@@ -48,6 +56,7 @@ from ..signals.attention import (
     qwen_vision_attention_received,
     qwen_vision_head_mean_keys,
 )
+from ..signals.checks import require_finite
 from .accounting import policy_work
 from .compose import compose_prompt, compose_slots
 from .layout import Layout, compact_positions, first_positions, gather_hidden, take
@@ -80,9 +89,59 @@ def _cache_argument(kwargs: dict) -> Any:
 
 
 def _cache_output(output: Any) -> Any:
-    """The KV cache a forward returned (field ``cache`` since transformers 5.24, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
+    """The KV cache a forward returned (field ``cache`` since transformers 5.24, ``past_key_values`` before).
+
+    The old name is read only where the output has no ``cache`` field: on 5.24 reading ``past_key_values`` (also
+    when the field is None, e.g. ``use_cache=False``) logs a deprecation warning.
+    """
+    if isinstance(output, tuple):  # return_dict=False
+        return next((x for x in output if isinstance(x, Cache)), None)
+    if hasattr(output, "cache"):
+        return output.cache
+    return getattr(output, "past_key_values", None)
+
+
+_PREFILLS = itertools.count()  # a process-wide serial number per prefill (marks the KV cache it filled)
+
+
+def _has_media(kwargs: dict) -> bool:
+    """Whether a forward's kwargs carry images or videos (pixels, or non-empty pre-computed encoder outputs)."""
+    if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+        return True
+    encoded = kwargs.get("mm_encoder_outputs")
+    return bool(encoded) and any(v is not None for v in encoded.values())
+
+
+def _frame_seq_length(self, layer_idx: int = 0) -> int:
+    """`DynamicCache.get_seq_length` of a cache tokenzip compressed: the number of sequence tokens the layer's
+    entries stand for (its own entries plus the prompt tokens pruned from it), which is what `generate()` uses
+    to slice the new tokens and build their positions when it continues from the cache."""
+    n = type(self).get_seq_length(self, layer_idx)
+    return n + self._tokenzip_offsets[layer_idx] if n > 0 else n
+
+
+def _stored_query_offset(self, layer_idx: int = 0) -> int:
+    """`DynamicCache.get_query_offset` of a cache tokenzip compressed: still the number of stored entries (the
+    offset of new queries among the layer's keys, which the model's causal mask needs)."""
+    offset = type(self).get_query_offset(self, layer_idx)
+    if type(self).get_seq_length(self, layer_idx) > 0:
+        offset -= self._tokenzip_offsets[layer_idx]
+    return offset
+
+
+def _mark_cache(cache: DynamicCache, serial: int, offsets: list[int]) -> None:
+    """Tag a cache filled by a compressed prefill: the prefill's serial number, and per layer the prompt tokens
+    it lacks (`offsets`, original prompt width minus the layer's width); its `get_seq_length` then counts them
+    (`get_query_offset`, which the model's mask uses, keeps counting stored entries).
+
+    Instance attributes only (they travel with `copy.deepcopy`); the cache class is untouched."""
+    cache._tokenzip_serial = serial
+    cache._tokenzip_offsets = list(offsets)
+    for name, method in (("get_seq_length", _frame_seq_length), ("get_query_offset", _stored_query_offset)):
+        if any(offsets):
+            setattr(cache, name, types.MethodType(method, cache))
+        else:
+            cache.__dict__.pop(name, None)
 
 
 def _kept_record(
@@ -133,6 +192,55 @@ def _pixel_key(pixels: torch.Tensor) -> int:
     return zlib.crc32(data)
 
 
+class _Absent:
+    """Marks a feature function that had no instance-level attribute before `apply` (one object, also across
+    `copy.deepcopy` and pickling)."""
+
+    def __reduce__(self) -> str:
+        return "_ABSENT"
+
+
+_ABSENT = _Absent()
+
+
+class _Hook:
+    """A hook built by a `Runtime` factory method (`factory(arg)` returns the hook function), kept as (runtime,
+    factory name, argument) rather than as a closure: `copy.deepcopy` of a patched model then copies the hook
+    with the copy's runtime (closures are copied by reference and would drive the original model's runtime)."""
+
+    def __init__(self, runtime: Runtime, factory: str, arg: Any) -> None:
+        self.runtime, self.factory, self.arg = runtime, factory, arg
+        self._fn = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fn is None:
+            self._fn = getattr(self.runtime, self.factory)(self.arg)
+        return self._fn(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {"runtime": self.runtime, "factory": self.factory, "arg": self.arg, "_fn": None}
+
+
+class _FeatureWrapper:
+    """tokenzip's instance-level wrapper of `get_image_features` / `get_video_features`.
+
+    A callable object (not a closure) so that `copy.deepcopy` of the model copies it with the copy's runtime and
+    the copy's bound original. After `Runtime.remove()` (`runtime` is None) it is a pass-through to `original`:
+    that matters only where another tool wrapped it after `apply`, whose wrapper then stays in place.
+    """
+
+    def __init__(self, runtime: Runtime, modality: str, original: Any) -> None:
+        functools.update_wrapper(self, original)  # __name__, __doc__, __wrapped__ = original
+        self.runtime: Runtime | None = runtime
+        self.modality = modality
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.runtime is None:
+            return self.original(*args, **kwargs)
+        return self.runtime._feature_call(self.modality, self.original, args, kwargs)
+
+
 class Runtime:
     """tokenzip's hooks on one model instance for one policy."""
 
@@ -145,12 +253,14 @@ class Runtime:
         self.info = adapter.info()
         self.stats = PatchStats()
         self.handles: list[Any] = []
-        self.wrapped: list[tuple[Any, str]] = []
+        self.wrapped: list[tuple[Any, str, _FeatureWrapper, Any]] = []  # (owner, name, wrapper, previous entry)
+        self._in_forward = False  # inside the model's forward (feature calls there all belong to that forward)
         self.state: ForwardState | None = None
         self.pending: dict[str, list[VisionCall]] = {m: [] for m in adapter.token_ids}
         self._call: CallCapture | None = None
         self.decisions: Decisions | None = None  # the last prefill's selections
         self.replaying: Decisions | None = None  # set by Patch.replay()
+        self._auto_replay = False  # `replaying` was set for one step of a cache-free generate()
         self.plan = self._make_plan()
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -199,18 +309,23 @@ class Runtime:
         model, adapter, plan = self.model, self.adapter, self.plan
         self.handles.append(model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._top_post, with_kwargs=True))
+        self.handles.append(model.register_forward_pre_hook(self._enter_forward))
+        self.handles.append(model.register_forward_hook(self._exit_forward, always_call=True))
         for modality, fname in adapter.feature_functions.items():
             self._wrap_feature_function(modality, fname)
         self.handles.append(adapter.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(adapter.lm.register_forward_hook(self._lm_post))
         if plan.llm_layers or plan.decode or plan.noncausal_layers:
             for i, layer in enumerate(adapter.lm_layers):
-                self.handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+                self.handles.append(layer.register_forward_pre_hook(_Hook(self, "_layer_hook", i), with_kwargs=True))
         for sig in plan.llm_signals:
             attn = adapter.lm_layers[sig.layer].self_attn
-            self.handles.append(attn.register_forward_hook(self._llm_signal_hook(sig), with_kwargs=True))
+            hook = _Hook(self, "_llm_signal_hook", sig)
+            self.handles.append(attn.register_forward_hook(hook, with_kwargs=True))
         for sig in plan.vision_signals:
             attn = adapter.vision_attention(sig.layer)
-            self.handles.append(attn.register_forward_pre_hook(self._vision_signal_hook(sig), with_kwargs=True))
+            hook = _Hook(self, "_vision_signal_hook", sig)
+            self.handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
         if plan.projector_input:
             feature = adapter.vision_layers[self.info.vision_feature_layer]
             self.handles.append(feature.register_forward_hook(self._feature_layer_hook))
@@ -219,15 +334,26 @@ class Runtime:
         if plan.vision_layer is not None:
             for i, layer in enumerate(adapter.vision_layers):
                 if i >= plan.vision_layer:
-                    self.handles.append(layer.register_forward_pre_hook(self._vision_layer_hook(i), with_kwargs=True))
+                    hook = _Hook(self, "_vision_layer_hook", i)
+                    self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
+        """Remove every hook; put back exactly the instance attributes the feature wrappers replaced.
+
+        A wrapper that another tool wrapped again after `apply` (or replaced) is no longer reachable by tokenzip
+        alone: the other tool's attribute is left in place and tokenzip's wrapper becomes a pass-through to
+        what it wrapped, so the other tool keeps working and tokenzip no longer records anything.
+        """
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for owner, name in self.wrapped:
-            if name in owner.__dict__:
-                del owner.__dict__[name]
+        for owner, name, wrapper, previous in self.wrapped:
+            wrapper.runtime = None  # a pass-through from now on
+            if owner.__dict__.get(name) is wrapper:
+                if previous is _ABSENT:
+                    del owner.__dict__[name]
+                else:
+                    owner.__dict__[name] = previous
         self.wrapped.clear()
         self.state = None
         self._drop_pending()
@@ -237,25 +363,31 @@ class Runtime:
         original = getattr(owner, fname, None)
         if original is None:
             return
-
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            capture = CallCapture(modality, (args, kwargs))
-            self._call = capture
-            device = self.adapter.base.device
-            _sync(device)
-            start = time.perf_counter()
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                self._call = None
-            _sync(device)
-            capture.call_seconds = time.perf_counter() - start
-            self._record_call(capture, original, out)
-            return out
-
+        wrapper = _FeatureWrapper(self, modality, original)
+        self.wrapped.append((owner, fname, wrapper, owner.__dict__.get(fname, _ABSENT)))
         owner.__dict__[fname] = wrapper
-        self.wrapped.append((owner, fname))
+
+    def _feature_call(self, modality: str, original, args: tuple, kwargs: dict) -> Any:
+        """One call of a wrapped feature function: run it with signals captured, then record the call."""
+        capture = CallCapture(modality, (args, kwargs))
+        self._call = capture
+        device = self.adapter.base.device
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._call = None
+        _sync(device)
+        capture.call_seconds = time.perf_counter() - start
+        self._record_call(capture, original, out)
+        return out
+
+    def _enter_forward(self, module, args) -> None:
+        self._in_forward = True
+
+    def _exit_forward(self, module, args, output) -> None:
+        self._in_forward = False  # `always_call`: also when the forward raised
 
     # ------------------------------------------------------------------------------------------ vision side
     def _record_call(self, capture: CallCapture, original, out) -> None:
@@ -293,7 +425,16 @@ class Runtime:
                 for shape in shapes
             ]
         call.workload = self._workload(capture, arguments, shapes, dropped)
-        self.pending[capture.modality].append(call)
+        try:
+            call.output_ref = weakref.ref(out)
+        except TypeError:  # an output type without weak references: no reuse across cache-free steps
+            call.output_ref = None
+        # the shapes are recorded: hold no pixels (a record lives until the next forward)
+        call.arguments = {k: v for k, v in arguments.items() if not k.startswith("pixel_values")}
+        if self._in_forward:
+            self.pending[capture.modality].append(call)
+        else:  # a direct call (or generate() encoding before its first forward): the next forward uses only the
+            self.pending[capture.modality][:] = [call]  # latest call per modality, so hold only that one
 
     def _vision_groups(self, capture: CallCapture, shape, dropped: int) -> torch.Tensor | None:
         """The merges [2, m] a vision-stage selection recorded for a single-row item, as item-local indices."""
@@ -330,25 +471,28 @@ class Runtime:
             hidden = args[0] if args else kwargs["hidden_states"]
             _sync(hidden.device)
             start = time.perf_counter()
+            where, what = f"vision layer {sig.layer}", f"vision signal {sig.kind!r}"
+            require_finite(hidden, self.policy.name, where, f"input (hidden states) of the {what}")
             with policy_work():
                 if kind == "qwen":
                     if sig.kind == "keys":
                         scores = qwen_vision_head_mean_keys(module, hidden)
                     else:
                         cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-                        scores = qwen_vision_attention_received(module, hidden, cu, kwargs["position_embeddings"])
+                        scores = qwen_vision_attention_received(
+                            module, hidden, cu, kwargs["position_embeddings"], score_dtype=sig.score_dtype
+                        )
                 else:
                     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
                     if sig.kind == "cls":
-                        scores = encoder_attention_rows(module, hidden, slice(0, 1), mask)[:, 0]
+                        scores = encoder_attention_rows(module, hidden, slice(0, 1), mask, sig.score_dtype)[:, 0]
                     elif sig.kind == "keys":
                         scores = encoder_head_mean_keys(module, hidden)
                     else:
-                        scores = encoder_attention_received(module, hidden, mask)
-                    if capture.stage is not None:
-                        scores = scatter_signal(
-                            scores, capture.stage.slots, capture.stage.valid, capture.stage.full_length
-                        )
+                        scores = encoder_attention_received(module, hidden, mask, score_dtype=sig.score_dtype)
+                require_finite(scores, self.policy.name, where, what)
+                if kind != "qwen" and capture.stage is not None:
+                    scores = scatter_signal(scores, capture.stage.slots, capture.stage.valid, capture.stage.full_length)
             capture.signals[sig.key] = scores
             _sync(hidden.device)
             capture.seconds += time.perf_counter() - start
@@ -370,6 +514,7 @@ class Runtime:
                 )
                 keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
                 has_cls = self.info.vision_has_cls
+                require_finite(hidden, self.policy.name, f"the vision stage (vision layer {index})", "hidden states")
                 ctx = VisionStageContext(index, hidden, has_cls, self.keep, keys)
                 if self.replaying is not None:
                     selections = self._replayed_vision(capture.modality, hidden.shape[0])
@@ -425,6 +570,7 @@ class Runtime:
         hidden = capture.feature_out
         _sync(hidden.device)
         start = time.perf_counter()
+        require_finite(hidden, self.policy.name, "the projector-input stage", "vision features")
         pixels = capture.arguments[1].get("pixel_values", capture.arguments[0][0] if capture.arguments[0] else None)
         keys = [_pixel_key(p) for p in pixels] if pixels is not None else list(range(hidden.shape[0]))
         if self.replaying is not None:
@@ -480,6 +626,8 @@ class Runtime:
         cache = _cache_argument(kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         prefill = cache is None or cache.get_seq_length() == 0
+        if self._auto_replay:  # left over from the previous forward of a cache-free generate()
+            self.replaying, self._auto_replay = None, False
         if not self.plan.is_empty and cache is not None and not isinstance(cache, DynamicCache):
             self._drop_pending()
             raise UnsupportedInputError(
@@ -488,27 +636,78 @@ class Runtime:
                 "cache_implementation)"
             )
         if prefill:
+            previous = self.state
             encoded = kwargs.get("mm_encoder_outputs")
+            reused = False
             if encoded is None:
                 self._drop_pending()
             else:  # generate() encoded each modality with one feature call just before this forward
                 for modality, calls in self.pending.items():
                     del calls[: -1 if encoded.get(modality) is not None else len(calls)]
+                reused = self._reuse_encoded(previous, encoded)
             self.state = ForwardState(
                 input_ids=input_ids,
                 attention_mask=kwargs.get("attention_mask"),
                 user_positions=kwargs.get("position_ids") is not None,
+                labels=kwargs.get("labels") is not None,
+                serial=next(_PREFILLS),
             )
-        elif self.state is not None and self.state.active:
-            self.state.phase = "decode"
-            self.state.user_positions = kwargs.get("position_ids") is not None
-            if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
+            if reused and self.replaying is None and self._extends(previous, input_ids):
+                # generate(use_cache=False) re-runs the whole sequence each step with the first step's encoder
+                # outputs: replay that step's selections so that it equals cached generation (see Patch.replay)
+                self.replaying, self._auto_replay = self.decisions, True
+            return None
+        serial = getattr(cache, "_tokenzip_serial", None)
+        st = self.state
+        if serial is not None and (st is None or st.serial != serial):
+            self._drop_pending()
+            raise UnsupportedInputError(
+                "this KV cache holds a compressed prefill that is not this patch's latest one (tokenzip keeps the "
+                "token layout of the latest prefill only, and its layers hold fewer entries than tokens); continue "
+                "from a returned cache (or a copy of it) before the next prefill of the model, or run generate() "
+                "again on the full sequence with its images"
+            )
+        if st is not None and st.active:
+            st.phase = "decode"
+            st.user_positions = kwargs.get("position_ids") is not None
+            if _has_media(kwargs):
                 self._drop_pending()
                 raise UnsupportedInputError(
-                    "new image/video tokens arrived after prefill (a continued cache); tokenzip compresses images "
-                    "only in a fresh prefill: start a new generate() without a passed cache"
+                    "new image/video inputs arrived after prefill, with a non-empty KV cache (a continued generation); "
+                    "tokenzip compresses images only in a fresh prefill: continue with text-only tokens, or start a "
+                    "new generate() on the full sequence without a passed cache"
                 )
         return None
+
+    def _reuse_encoded(self, previous: ForwardState | None, encoded: dict) -> bool:
+        """generate() without a cache passes the same `mm_encoder_outputs` to every step: queue again the feature
+        calls the previous prefill recorded for them. True if every encoded modality was such a repeat."""
+        if previous is None:
+            return False
+        again: dict[str, list[VisionCall]] = {}
+        for modality, out in encoded.items():
+            if out is None or modality not in self.pending:
+                continue
+            if self.pending[modality]:
+                return False  # a fresh feature call: a new prompt
+            match = [c for c in previous.calls if c.modality == modality and c.output_ref is not None]
+            match = [c for c in match if c.output_ref() is out]
+            if not match:
+                return False
+            again[modality] = match[-1:]
+        for modality, calls in again.items():
+            self.pending[modality].extend(calls)
+        return bool(again)
+
+    def _extends(self, previous: ForwardState | None, input_ids: torch.Tensor | None) -> bool:
+        """Whether `input_ids` [B, L] continue the recorded prompt (same batch, recorded prompt as prefix)."""
+        rec = self.decisions
+        if previous is None or not previous.active or rec is None or input_ids is None:
+            return False
+        first = previous.input_ids
+        if first is None or input_ids.shape[0] != rec.batch or input_ids.shape[1] < first.shape[1]:
+            return False
+        return bool(torch.equal(input_ids[:, : first.shape[1]].to(first.device), first))
 
     def _drop_pending(self) -> None:
         for calls in self.pending.values():
@@ -516,17 +715,22 @@ class Runtime:
 
     def _top_post(self, module, args, kwargs, output):
         st = self.state
-        if st is None or st.phase != "prefill":
-            return None
-        processed = list(st.layer_layouts)
-        if st.active and self.plan.decode:
+        try:
+            if st is None or st.phase != "prefill":
+                return None
+            processed = list(st.layer_layouts)
             cache = _cache_output(output)
-            if cache is not None:
-                self._decode_stage(cache)
-        if st.layout0 is not None:
-            self._record_stats(st, processed)
-        st.phase = "decode"
-        return None
+            if st.active and self.plan.decode and (cache is not None or self.replaying is None):
+                self._decode_stage(cache)  # without a cache: only records the decisions (for replay)
+            if st.active and not self.plan.is_empty and isinstance(cache, DynamicCache):
+                _mark_cache(cache, st.serial, [st.orig_len - lay.length for lay in st.layer_layouts])
+            if st.layout0 is not None:
+                self._record_stats(st, processed)
+            st.phase = "decode"
+            return None
+        finally:
+            if self._auto_replay:
+                self.replaying, self._auto_replay = None, False
 
     # ------------------------------------------------------------------------------------------ LLM input
     def _lm_pre(self, module, args, kwargs):
@@ -540,6 +744,24 @@ class Runtime:
         else:
             out = None
         return None if out is None else (args, out)
+
+    def _lm_post(self, module, args, output):
+        """Prefill of a right-padded batch: lay the LLM's output out right-padded too (each sample's real tokens
+        first, in order), as the unpatched model returns it; tokenzip's shortened layouts are left-padded inside.
+        Sample b's last real token is then at slot `stats.last.samples[b].sequence_per_layer[-1] - 1`."""
+        st = self.state
+        if st is None or st.phase != "prefill" or not st.active or not st.right_padded or st.current is None:
+            return None
+        valid = st.current.valid
+        order = torch.sort((~valid).long(), dim=1, stable=True).indices  # [B, L'] real slots first
+        if bool((order == torch.arange(valid.shape[1], device=order.device)).all()):
+            return None
+        hidden = output[0]
+        relaid = gather_seq(hidden, order.to(hidden.device), dim=1)
+        if isinstance(output, tuple):
+            return (relaid, *output[1:])
+        output.last_hidden_state = relaid
+        return output
 
     def _flat_calls(self, calls, input_ids: torch.Tensor) -> dict[str, list[tuple[VisionCall, int]]]:
         """Per modality, (call, item) references in the order the model scatters features.
@@ -611,6 +833,7 @@ class Runtime:
         if mask2d is not None and (not isinstance(mask2d, torch.Tensor) or mask2d.dim() != 2):
             raise UnsupportedInputError("tokenzip needs a 2-D attention_mask (or None) at the LLM input")
         valid = mask2d.bool() if mask2d is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        st.right_padded = bool((~valid[:, -1]).any())
         pos = kwargs.get("position_ids")
         if pos is None:
             pos_rows = torch.arange(length, device=device)[None, None].expand(1, batch, length)
@@ -667,6 +890,8 @@ class Runtime:
                         signals.get((it.modality, it.index_in_modality), {}),
                         embeds[b, it.start - 1] if it.start > 0 else None,
                     )
+                    what = f"features of sample {b}'s {it.modality} {it.index_in_sample}"
+                    require_finite(ctx.embeds, self.policy.name, "the pre_llm stage", what)
                     with policy_work():
                         sel = self.policy.select_pre_llm(ctx)
                 else:
@@ -682,6 +907,7 @@ class Runtime:
                 [_kept_record(sel, it, *v) for sel, it, v in zip(selections, items, vision_left, strict=True)]
             )
         layout0, index = take(orig, keep_lists)
+        self._refuse_labels(orig, layout0, "at the LLM input")
         layout0.lm_src = torch.arange(layout0.length, device=device).expand(batch, -1)  # it *is* the LLM input
         if self.positions == "compact":
             layout0.positions = compact_positions(layout0, first_positions(pos_rows, valid))
@@ -704,6 +930,20 @@ class Runtime:
         kwargs["position_ids"] = layout0.positions[0] if (pos is None or pos.dim() == 2) else layout0.positions
         self._start_layers(st)
         return kwargs
+
+    def _refuse_labels(self, before: Layout, after: Layout, where: str) -> None:
+        """A forward with `labels` must not shorten its sequence: the model's loss aligns the labels [B, L] with
+        the logits position by position, and the logits would cover fewer positions."""
+        if not self.state.labels:
+            return
+        if after.length == before.length and torch.equal(after.valid.sum(1), before.valid.sum(1)):
+            return
+        raise UnsupportedInputError(
+            f"labels= was passed, but policy {self.policy.name!r} (keep={self.keep!r}) removes tokens {where}, so "
+            "the logits no longer line up with labels, which follow the unpruned sequence; call the model without "
+            "labels and compute the loss from the logits yourself (e.g. for the text positions after the image), "
+            "or use keep=1.0"
+        )
 
     def _new_decisions(self, st: ForwardState, batch: int, length: int, calls) -> None:
         if self.replaying is not None:
@@ -765,12 +1005,30 @@ class Runtime:
         """Per sample: original-frame next position minus this layout's next position (0 unless compact)."""
         return self.state.orig_last_pos - layout.positions[0, :, -1]
 
+    def _appended(self, kwargs) -> int:
+        """Tokens already appended to the KV cache after the prompt, read from layer 0's cache (its prefill width
+        is known): the cache is the truth after `generate()` cropped rejected draft tokens (prompt lookup /
+        assisted decoding) or when a generation continues from a returned cache."""
+        st = self.state
+        cache = _cache_argument(kwargs)
+        layers = getattr(cache, "layers", None)
+        if not layers or not st.layer_layouts or not hasattr(layers[0], "get_seq_length"):
+            return st.decoded
+        t = int(layers[0].get_seq_length()) - st.layer_layouts[0].length
+        if t < 0:
+            raise UnsupportedInputError(
+                f"the KV cache holds {t + st.layer_layouts[0].length} entries in layer 0, fewer than the "
+                f"{st.layer_layouts[0].length} of this patch's compressed prompt: it was cropped into the prompt; "
+                "run generate() again on the full sequence"
+            )
+        return t
+
     def _decode_lm(self, kwargs):
         st = self.state
         embeds = kwargs["inputs_embeds"]
         batch, q = embeds.shape[0], embeds.shape[1]
-        t = st.decoded
-        st.decoded += q
+        t = self._appended(kwargs)
+        st.decoded = t + q
         st.step += 1
         st.step_cache = {}
         mask = kwargs.get("attention_mask")
@@ -949,7 +1207,7 @@ class Runtime:
         stage_kw = kwargs if prev is st.layout0 else self._stage_kwargs(prev, kwargs, hidden)
         normed_cache: dict[str, torch.Tensor] = {}
 
-        def attention_received(query_mask: torch.Tensor) -> torch.Tensor:
+        def attention_received(query_mask: torch.Tensor, score_dtype: str = "float32") -> torch.Tensor:
             if "normed" not in normed_cache:
                 normed_cache["normed"] = layer.input_layernorm(hidden)
             return decoder_attention_received(
@@ -958,6 +1216,7 @@ class Runtime:
                 stage_kw["position_embeddings"],
                 query_mask,
                 stage_kw["attention_mask"],
+                score_dtype=score_dtype,
             )
 
         def head_mean_keys() -> torch.Tensor:
@@ -971,6 +1230,8 @@ class Runtime:
                 self._replayed_selection(prev, prunable, b, *rec) for b, rec in enumerate(self.replaying.llm[index])
             ]
         else:
+            real = hidden[prev.valid.to(hidden.device)]  # [n, D] the real tokens (padding slots are never scored)
+            require_finite(real, self.policy.name, f"the LLM stage at decoder layer {index}", "hidden states")
             ctx = LLMStageContext(
                 index,
                 self.info,
@@ -1000,6 +1261,7 @@ class Runtime:
             value_lists.append((values, out_pos))
         positions = None
         layout, gather_index = take(prev, keep_lists)
+        self._refuse_labels(prev, layout, f"at LLM layer {index}")
         if self.positions == "compact" and not self.plan.llm_keep_positions:
             first = first_positions(prev.positions, prev.valid)
             positions = compact_positions(layout, first)
@@ -1020,6 +1282,8 @@ class Runtime:
     ) -> Selection:
         """The slots of `layout` (sample b) holding the recorded LLM-input slots, in recorded order."""
         slots = (layout.valid[b] & prunable[b]).nonzero().flatten()
+        if recorded.numel() == 0:  # the sample kept no prunable token (e.g. it has no image)
+            return Selection(slots[:0], values, ordered)
         match = layout.lm_src[b][slots][None, :] == recorded.to(slots.device)[:, None]  # [n_rec, n_slots]
         if not bool(match.any(1).all()):
             raise UnsupportedInputError("replay: a recorded token is missing from this prefill")
@@ -1033,20 +1297,31 @@ class Runtime:
             hidden = kwargs["hidden_states"]
             _sync(hidden.device)
             start = time.perf_counter()
+            where, what = f"decoder layer {sig.layer}", f"LLM signal {sig.kind!r}"
+            real = hidden[st.current.valid.to(hidden.device)]  # [n, D] the real tokens
+            require_finite(real, self.policy.name, where, f"input (hidden states) of the {what}")
             with policy_work():
                 mask = kwargs.get("attention_mask")
-                if sig.kind == "last_row":
-                    rows = torch.tensor([-1], device=hidden.device)
-                    scores = decoder_attention_rows(module, hidden, kwargs["position_embeddings"], rows, mask)[:, 0]
+                if sig.kind == "last_row":  # each sample's last real token (right padding: not the last slot)
+                    valid = st.current.valid.to(hidden.device)
+                    last = valid.shape[1] - 1 - valid.flip(1).long().argmax(1)  # [B]
+                    rows, which = torch.unique(last, return_inverse=True)
+                    part = decoder_attention_rows(
+                        module, hidden, kwargs["position_embeddings"], rows, mask, score_dtype=sig.score_dtype
+                    )
+                    scores = part[torch.arange(hidden.shape[0], device=hidden.device), which]
                 elif sig.kind == "rows_from_visual":
                     layout = st.current
                     first = int((layout.visual & layout.valid).float().argmax(1).min())
                     rows = torch.arange(first, hidden.shape[1], device=hidden.device)
-                    part = decoder_attention_rows(module, hidden, kwargs["position_embeddings"], rows, mask)
+                    part = decoder_attention_rows(
+                        module, hidden, kwargs["position_embeddings"], rows, mask, score_dtype=sig.score_dtype
+                    )
                     scores = part.new_zeros(hidden.shape[0], hidden.shape[1], hidden.shape[1])
                     scores[:, first:] = part
                 else:
                     raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual")
+                require_finite(scores, self.policy.name, where, what)
             st.signals[sig.key] = scores
             _sync(hidden.device)
             st.seconds["llm_signals"] = st.seconds.get("llm_signals", 0.0) + time.perf_counter() - start
@@ -1056,6 +1331,8 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ decode stage
     def _decode_stage(self, cache) -> None:
+        """Decode-stage KV edits after prefill. Without a cache (`use_cache=False`) the selections are only
+        recorded, so that a replay (or the next step of a cache-free generate()) applies them as masks."""
         st = self.state
         start = time.perf_counter()
         ctx = DecodeContext(
@@ -1070,6 +1347,8 @@ class Runtime:
                 self.decisions.decode[layer] = [
                     prev.lm_src[b][sel.keep.to(prev.lm_src.device)].cpu() for b, sel in enumerate(selections)
                 ]
+            if cache is None:
+                continue
             keep_lists = [
                 compose_slots(prev.valid[b], prev.visual[b], prev.item[b], sel)[0] for b, sel in enumerate(selections)
             ]
@@ -1093,8 +1372,16 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ stats
     def _record_stats(self, st: ForwardState, processed: list[Layout]) -> None:
+        from ..budget import item_budget
+
         samples = []
         layouts = processed or [st.layout0]
+        budget_keep = 1.0 if self.policy.name == "none" else self.keep  # `none` is asked to keep everything
+        prompt_mask = st.attention_mask
+        if isinstance(prompt_mask, torch.Tensor) and prompt_mask.dim() == 2:
+            prompt_tokens = prompt_mask.bool().sum(1).tolist()
+        else:
+            prompt_tokens = [st.orig_len] * len(st.items.per_sample)
         vis = torch.stack([lay.visual_counts() for lay in layouts], 1).tolist()
         seq = torch.stack([lay.valid.sum(1) for lay in layouts], 1).tolist()
         cached = torch.stack([lay.valid.sum(1) for lay in (st.layer_layouts or layouts)], 1).tolist()
@@ -1115,8 +1402,10 @@ class Runtime:
                     mask = lay.valid[b] & lay.visual[b] & (lay.item[b] == j)
                     local = (lay.orig[b][mask] - it.start).cpu()
                     records[j].stages.append((name, local[local >= 0]))
-            samples.append(SampleRecord(records, vis[b], seq[b], cached[b]))
+            budget = sum(item_budget(budget_keep, it.shape.n_content) for it in items)
+            samples.append(SampleRecord(records, vis[b], seq[b], cached[b], budget, int(prompt_tokens[b])))
         record = ForwardRecord(self.policy.name, self.keep, samples, dict(st.seconds), list(dict.fromkeys(st.notes)))
+        record.config = self.model.config
         record.width_per_layer = [lay.length for lay in layouts]
         record.cache_width_per_layer = [lay.length for lay in (st.layer_layouts or layouts)]
         record.vision = [c.workload for c in st.calls if c.workload is not None]

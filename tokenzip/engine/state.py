@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..items import ItemShape, ItemsOfBatch
 from .layout import Layout
+
+if TYPE_CHECKING:
+    from .summary import SampleSummary
 
 
 @dataclass
@@ -32,6 +35,7 @@ class VisionCall:
     projector_rows: list[Any] | None = None  # projector-input `Selection` per tower row (for replay)
     overrides: list[Any] | None = None  # per item: `Selection` replacing its tokens (projector-input stage)
     workload: dict | None = None  # what the vision side computed (FLOP accounting)
+    output_ref: Any = None  # weakref to the call's output (generate() without a cache passes it to every step)
 
 
 @dataclass
@@ -69,6 +73,9 @@ class ForwardState:
     input_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     user_positions: bool
+    labels: bool = False  # the forward got `labels` (its sequence must not be shortened)
+    right_padded: bool = False  # the LLM input has padding after a sample's tokens (its output is re-laid so)
+    serial: int = -1  # process-wide number of this prefill (the KV cache it fills is tagged with it)
     phase: str = "prefill"
     active: bool = False
     items: ItemsOfBatch = field(default_factory=ItemsOfBatch)
@@ -80,7 +87,7 @@ class ForwardState:
     layer_layouts: list[Layout] = field(default_factory=list)
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
-    decoded: int = 0
+    decoded: int = 0  # tokens appended to the cache since prefill (read from the cache at each decode step)
     step: int = 0
     tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
     lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
@@ -114,10 +121,25 @@ class SampleRecord:
     visual_per_layer: list[int]  # visual content tokens each decoder layer processed in prefill
     sequence_per_layer: list[int]  # real (non-padding) tokens each decoder layer processed in prefill
     cache_per_layer: list[int]  # real KV entries each layer holds after prefill (after decode-stage edits)
+    budget: int | None = None  # layer-average budget: sum over items of `item_budget(keep, content)`
+    prompt_tokens: int | None = None  # real prompt tokens before compression (what the unpatched model processes)
 
     @property
     def visual_in(self) -> int:
+        """Visual content tokens of the sample's items before compression."""
         return sum(it.content for it in self.items)
+
+    @property
+    def visual_llm_input(self) -> int:
+        """Visual tokens entering the LLM: the kept content tokens and any zero rows a policy padded in."""
+        return sum(it.kept + it.padded for it in self.items)
+
+    @property
+    def on_budget(self) -> bool | None:
+        """Whether the layer average meets `budget` within one token per item (None without a budget)."""
+        if self.budget is None:
+            return None
+        return abs(self.visual_mean - self.budget) <= len(self.items)
 
     @property
     def visual_mean(self) -> float:
@@ -147,15 +169,34 @@ class ForwardRecord:
     width_per_layer: list[int] = field(default_factory=list)  # padded tokens each layer processed (batch)
     cache_width_per_layer: list[int] = field(default_factory=list)  # padded KV entries per layer after prefill
     vision: list[dict] = field(default_factory=list)  # vision workload per feature call
+    config: Any = field(default=None, repr=False, compare=False)  # the model's config (analytic FLOPs)
+
+    def summary(self) -> list[SampleSummary]:
+        """Per sample, what this prefill saved (`tokenzip.engine.summary.SampleSummary`, the same fields for every
+        policy): visual tokens in / into the LLM / layer mean vs budget, prefill FLOPs as run and unpruned, and
+        the policy's selection time. The repr prints it as a table."""
+        from .summary import summarize
+
+        return summarize(self)
+
+    @property
+    def selection_s(self) -> float:
+        """Seconds of all policy work in this prefill (everything but the vision encoder's own time)."""
+        from .summary import selection_stages
+
+        return sum(selection_stages(self.seconds).values())
+
+    @property
+    def selection_stages_s(self) -> dict[str, float]:
+        """`selection_s` per stage: vision, pre_llm, llm, decode, other (always all five keys)."""
+        from .summary import selection_stages
+
+        return selection_stages(self.seconds)
 
     def __repr__(self) -> str:
-        rows = [
-            f"sample {b}: visual {s.visual_in} -> LLM input {sum(i.kept for i in s.items)}, layer mean "
-            f"{s.visual_mean:.1f}"
-            for b, s in enumerate(self.samples)
-        ]
-        times = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.seconds.items())
-        return f"ForwardRecord(policy={self.policy!r}, keep={self.keep!r}; " + "; ".join(rows) + f"; {times})"
+        from .summary import format_record
+
+        return format_record(self)
 
 
 class PatchStats:
@@ -175,7 +216,7 @@ class PatchStats:
         return len(self.history)
 
     def __repr__(self) -> str:
-        return f"PatchStats({len(self.history)} forwards; last={self.last!r})"
+        return f"PatchStats({len(self.history)} forwards); last:\n{self.last!r}"
 
 
 @dataclass

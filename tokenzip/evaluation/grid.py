@@ -35,6 +35,13 @@ class GridRow:
     samples: int
     categories: dict[str, float] = field(default_factory=dict)
     note: str = ""  # why a run has no numbers (e.g. a keep the policy cannot reach on this model)
+    visual_budget: float = math.nan  # mean per-sample layer-average budget (sum of item_budget over its items)
+    off_budget: int = 0  # samples whose layer average is more than one token per item from their budget
+
+    @property
+    def budget_flag(self) -> str:
+        """'' on budget, else 'OFF BUDGET (k of n samples)'."""
+        return f"OFF BUDGET ({self.off_budget} of {self.samples} samples)" if self.off_budget else ""
 
 
 def _mean(values: list[float]) -> float:
@@ -44,6 +51,13 @@ def _mean(values: list[float]) -> float:
 def summarise(policy: str, keep: float, task_results: dict, stats: list[dict], seconds: float) -> GridRow:
     """One table row from lmms-eval's results of one task and the model's per-sample statistics."""
     metrics = {k.split(",")[0]: v for k, v in task_results.items() if "," in k and "_stderr" not in k}
+    from ..bench.checks import BudgetCheck
+
+    checks = [
+        BudgetCheck(r["visual_budget"], r["visual_layer_mean"], r.get("visual_items", 1))
+        for r in stats
+        if r.get("visual_budget") is not None and r.get("visual_layer_mean") is not None
+    ]
     prefill = sum(r["prefill_flops"] for r in stats if "prefill_flops" in r)
     unpruned = sum(r["prefill_flops_unpruned"] for r in stats if "prefill_flops_unpruned" in r)
     return GridRow(
@@ -61,6 +75,8 @@ def summarise(policy: str, keep: float, task_results: dict, stats: list[dict], s
         categories={
             k[len(CATEGORY_PREFIX) :]: float(v) for k, v in sorted(metrics.items()) if k.startswith(CATEGORY_PREFIX)
         },
+        visual_budget=_mean([c.budget for c in checks]),
+        off_budget=sum(c.off for c in checks),
     )
 
 
@@ -135,6 +151,7 @@ COLUMNS = [
     ("agreement", "agreement", "{:.3f}"),
     ("visual_llm_input", "visual -> LLM", "{:.1f}"),
     ("visual_layer_mean", "visual layer avg", "{:.1f}"),
+    ("visual_budget", "budget", "{:g}"),
     ("flops_ratio", "FLOPs ratio", "{:.3f}"),
     ("seconds", "s", "{:.0f}"),
     ("note", "note", "{}"),
@@ -142,11 +159,12 @@ COLUMNS = [
 
 
 def cells(row: GridRow) -> list[str]:
+    """The formatted `COLUMNS` of a row; an off-budget row's note starts with its OFF BUDGET flag."""
     out = []
     for key, _, fmt in COLUMNS:
         value = getattr(row, key)
         if key == "note":
-            value = value.split(";")[0][:60]
+            value = "; ".join(x for x in (row.budget_flag, value.split(";")[0][:60]) if x)
         out.append("—" if isinstance(value, float) and math.isnan(value) else fmt.format(value))
     return out
 
@@ -154,7 +172,11 @@ def cells(row: GridRow) -> list[str]:
 def markdown(rows: list[GridRow], title: str) -> str:
     categories = sorted({c for r in rows for c in r.categories})
     head = [label for _, label, _ in COLUMNS] + categories
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    legend = (
+        "budget: the layer-averaged visual tokens keep allows per sample (sum over its items of item_budget(keep, "
+        "n_content)); OFF BUDGET in the note: samples whose layer average is more than one token per item away."
+    )
+    lines = [f"# {title}", "", legend, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cats = [f"{r.categories[c]:.3f}" if c in r.categories else "—" for c in categories]
         lines.append("| " + " | ".join(cells(r) + cats) + " |")

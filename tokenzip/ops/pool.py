@@ -12,11 +12,14 @@ def pooled_grid_shape(rows: int, cols: int, budget: int, max_distortion: float =
     Candidates: rows' <= rows, cols' <= cols, rows' * cols' <= budget. Distortion = the factor by which the
     output's aspect ratio differs from the input's. Among candidates with distortion <= `max_distortion` (all
     candidates if none qualifies) take the most tokens; ties -> the least distortion, then more columns.
-    E.g. 24x24 -> 64: 8x8, 128: 8x16, 192: 12x16, 23: 4x5; 4x4 -> 8: 2x4; 1x10 -> 3: 1x3.
+    E.g. 24x24 -> 64: 8x8, 128: 8x16, 192: 12x16, 23: 4x5; 4x4 -> 8: 2x4; 1x10 -> 3: 1x3. A degenerate grid (a
+    thin image's 1-row or 1-column grid) pools along its long side only: 1x4000 -> 7: 1x7. An empty grid (0 rows
+    or 0 columns, e.g. the tile grid of an extreme-aspect image on LLaVA-OneVision) or a budget of 0 -> (0, 0).
     """
+    if rows <= 0 or cols <= 0 or budget <= 0:
+        return 0, 0
     if budget >= rows * cols:
         return rows, cols
-    budget = max(1, budget)
     scored = []
     for r in range(1, rows + 1):
         for c in range(1, min(cols, budget // r) + 1):
@@ -31,11 +34,17 @@ def pool_grid(tokens: torch.Tensor, rows: int, cols: int, out_rows: int, out_col
 
     tokens: [rows * cols, D]; returns [out_rows * out_cols, D] in raster order. Each output token is the
     mean of the input cells of its adaptive-pooling window (windows may overlap by one cell when the sizes
-    do not divide).
+    do not divide). Half precision is averaged in float32 (float64 stays float64); differentiable in `tokens`.
+    An empty grid (rows or cols 0) or an empty output gives [0, D].
     """
     d = tokens.shape[-1]
+    if rows * cols == 0 or out_rows * out_cols == 0:
+        return tokens.new_zeros(0, d)
+    if not (1 <= out_rows <= rows and 1 <= out_cols <= cols):
+        raise ValueError(f"pool_grid: cannot pool a {rows}x{cols} grid to {out_rows}x{out_cols}")
     grid = tokens.reshape(rows, cols, d).permute(2, 0, 1).unsqueeze(0)
-    pooled = F.adaptive_avg_pool2d(grid.float(), (out_rows, out_cols)).to(tokens.dtype)
+    work = torch.promote_types(tokens.dtype, torch.float32)
+    pooled = F.adaptive_avg_pool2d(grid.to(work), (out_rows, out_cols)).to(tokens.dtype)
     return pooled[0].permute(1, 2, 0).reshape(out_rows * out_cols, d)
 
 

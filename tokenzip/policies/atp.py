@@ -13,26 +13,32 @@ and the kept set = redundancy set (by S) united with a spatial set (tokens whose
 multiples of k = round(1 / sqrt(R)) in both axes, per image part / frame), original positions kept.
 
 `schedule="topk"` (default): per stage exactly n_l tokens (the spatial set plus the best other tokens by S),
-with n_l geometrically decaying so that the layer-averaged count equals `keep` (`atp_schedule`).
+with n_l geometrically decaying so that the layer-averaged count equals `keep` (`atp_schedule`). Deviation from
+the spec's mapping (tokenzip's budget rule): where the bounds 1 <= n_3 <= n_2 <= n_1 stop the last count from
+absorbing the rounding, the earlier counts absorb it, so the average stays within half a token of the budget;
+a budget more than half a token below the schedule's floor (layers 0..p_1 see every token: on an 8-layer LLM the
+prune layers are 0 / 2 / 4 and the floor is N / 8 + 7 / 8, e.g. 18.9 of 144 tokens against keep 0.111's 16)
+raises `BudgetError` naming the smallest reachable keep instead of running off budget.
 `schedule="adaptive"`: the ATP-like per-instance rule -- the smallest prefix of tokens by S holding a mass
 p_l(gamma) (or, `rule="z"`, S_j >= 1/n + beta std(S)) united with the spatial set at rate R_l(gamma) -- needs a
-scalar gamma calibrated for the model and keep (`calibrate_gamma`); without one it raises an error.
+scalar gamma calibrated for the model and keep (`calibrate_gamma`); without one it raises an error. Its counts
+vary per instance by design: it meets `keep` on average over the calibration set, not per sample.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget
+from ..budget import Keep, infeasible_budget, item_budget
 from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
-from .base import Policy
+from .base import Choice, Float, Int, Option, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 
@@ -126,17 +132,31 @@ def atp_select(
     return keep.nonzero().flatten()
 
 
+def stage_widths(prune_layers: tuple[int, ...], n_layers: int) -> list[int]:
+    """[w_0, ..., w_S]: layers 0..p_1 (w_0 = p_1 + 1) see every token, then w_i = p_{i+1} - p_i layers see n_i,
+    the last w_S = L - 1 - p_S layers n_S."""
+    p = prune_layers
+    return [p[0] + 1, *[p[i + 1] - p[i] for i in range(len(p) - 1)], n_layers - 1 - p[-1]]
+
+
+def atp_floor(n_visual: int, prune_layers: tuple[int, ...], n_layers: int) -> float:
+    """The smallest layer average the schedule reaches: every token in the first w_0 layers, one token after."""
+    w = stage_widths(prune_layers, n_layers)
+    return (w[0] * n_visual + sum(w[1:])) / n_layers
+
+
 def atp_schedule(target: float, n_visual: int, prune_layers: tuple[int, ...], n_layers: int) -> list[int]:
     """Tokens kept after each pruning layer so the layer-averaged count equals `target` (counts >= 1).
 
     Layers 0..p1 see all n; w_i = p_{i+1} - p_i layers then see n_i; n_i = round(n lambda^i) with lambda from
     w_0 n + sum_i w_i max(1, n lambda^i) = L target (no stage keeps fewer than one token); the last count
-    absorbs the rounding.
+    absorbs the rounding. Where the bounds 1 <= n_S <= ... <= n_1 <= n stop the last count from absorbing it
+    (shallow LLMs, budgets near the floor), the earlier counts take the rest, last to first, so the layer average
+    stays within half a token of `target` whenever `target` >= `atp_floor` - 1/2 (tokenzip's budget rule).
     """
-    p = prune_layers
-    w = [p[0] + 1, *[p[i + 1] - p[i] for i in range(len(p) - 1)], n_layers - 1 - p[-1]]
+    w = stage_widths(prune_layers, n_layers)
     goal = n_layers * target
-    stages = len(p)
+    stages = len(prune_layers)
     if n_visual <= target:
         return [n_visual] * stages
     lo, hi = 0.0, 1.0
@@ -150,7 +170,29 @@ def atp_schedule(target: float, n_visual: int, prune_layers: tuple[int, ...], n_
     counts.append(max(1, round(last)))
     for i in range(1, stages):
         counts[i] = min(counts[i], counts[i - 1])
+    residual = goal - w[0] * n_visual - sum(w[i + 1] * c for i, c in enumerate(counts))
+    if abs(residual) > n_layers / 2:  # a bound stopped the last count: spread the rest, last stage first
+        for i in reversed(range(stages)):
+            low = counts[i + 1] if i + 1 < stages else 1
+            high = counts[i - 1] if i > 0 else n_visual
+            new = min(high, max(low, counts[i] + round(residual / w[i + 1])))
+            residual -= w[i + 1] * (new - counts[i])
+            counts[i] = new
     return counts
+
+
+def check_atp_budget(
+    keep: Keep, target: float, n_visual: int, sizes: list[int], prune_layers: tuple[int, ...], n_layers: int
+) -> None:
+    """`BudgetError` naming the smallest reachable keep when `target` lies more than half a token below the
+    schedule's floor (`atp_floor`): the first p_1 + 1 layers see every token."""
+    floor = atp_floor(n_visual, prune_layers, n_layers)
+    if target < floor - 0.5:
+        reason = (
+            f"pruning after layers {prune_layers} of {n_layers}: layers 0..{prune_layers[0]} see all {n_visual} "
+            "tokens; pass earlier prune_layers"
+        )
+        raise infeasible_budget("atp", reason, keep, target, floor, sizes)
 
 
 def adaptive_parameters(gamma: float, p0: Iterable[float], r0: Iterable[float]) -> tuple[list[float], list[float]]:
@@ -168,35 +210,60 @@ def default_prune_layers(n_layers: int) -> tuple[int, ...]:
 class ATPPolicy(Policy):
     name = "atp"
     description = "ATP-TF: training-free ATP-LLaVA -- self+cross-modal redundancy U spatial sampling at 3 LLM layers."
-    defaults: ClassVar[dict[str, Any]] = {
-        "schedule": "topk",
-        "prune_layers": None,
-        "p": (0.90, 0.75, 0.55),
-        "spatial_rates": (1 / 16, 1 / 36, 0.0),
-        "gamma": None,
-        "rule": "mass",
-        "z_beta": 0.5,
-        "n_min": 1,
+    options_spec: ClassVar[dict[str, Option]] = {
+        "schedule": Choice(
+            "topk", ("topk", "adaptive"), doc="exact geometric counts, or the calibrated per-instance rule"
+        ),
+        "prune_layers": Tuple(
+            None,
+            Int(0, ge=0),
+            min_length=1,
+            increasing=True,
+            none=True,
+            doc="decoder layers after which tokens are pruned; None = round(p L / 32) for p in (2, 8, 16)",
+        ),
+        "p": Tuple(
+            (0.90, 0.75, 0.55), Float(0.5, gt=0, le=1), min_length=1, doc="adaptive mass rule: mass per pruning layer"
+        ),
+        "spatial_rates": Tuple(
+            (1 / 16, 1 / 36, 0.0),
+            Float(0.0, ge=0, le=1),
+            min_length=1,
+            doc="spatial sampling rate R per pruning layer (lattice stride round(1 / sqrt(R)); 0 disables)",
+        ),
+        "gamma": Float(None, gt=0, none=True, doc="adaptive: calibrated scale of p and R (calibrate_gamma)"),
+        "rule": Choice("mass", ("mass", "z"), doc="adaptive redundancy rule: score mass p, or S >= 1/n + z_beta std"),
+        "z_beta": Float(0.5, doc="adaptive z rule: the std multiple"),
+        "n_min": Int(1, ge=1, doc="adaptive: fewest tokens kept per stage"),
     }
 
     def validate(self) -> None:
         o = self.options
-        self._check_choice("schedule", ("topk", "adaptive"))
-        self._check_choice("rule", ("mass", "z"))
-        self._check_int("n_min", 1)
         layers = o["prune_layers"]
-        if layers is not None and (not layers or list(layers) != sorted(set(layers))):
-            raise PolicyOptionError(f"atp: prune_layers must be increasing layer indices, got {layers!r}")
         n_stages = len(layers) if layers is not None else len(OFFICIAL_LAYERS)
         for name in ("p", "spatial_rates"):
             if len(o[name]) != n_stages:
-                raise PolicyOptionError(f"atp: {name} needs one value per pruning layer ({n_stages})")
-        if o["gamma"] is not None and (isinstance(o["gamma"], bool) or not o["gamma"] > 0):
-            raise PolicyOptionError(f"atp: gamma must be a positive number, got {o['gamma']!r}")
+                raise PolicyOptionError(
+                    f"atp: {name}={o[name]!r} needs one value per pruning layer ({n_stages}: prune_layers="
+                    f"{layers if layers is not None else OFFICIAL_LAYERS})"
+                )
         if o["schedule"] == "adaptive" and o["gamma"] is None:
             raise PolicyOptionError(
                 "atp: schedule='adaptive' needs a gamma calibrated for this model and keep "
                 "(tokenzip.policies.atp.calibrate_gamma); use schedule='topk' for an exact budget without one"
+            )
+        unused = []  # options the chosen schedule / rule would silently ignore
+        if o["schedule"] == "topk":
+            unused = [k for k in ("p", "gamma", "rule", "z_beta", "n_min") if o[k] != self.defaults[k]]
+        elif o["rule"] == "mass" and o["z_beta"] != self.defaults["z_beta"]:
+            unused = ["z_beta"]
+        elif o["rule"] == "z" and o["p"] != self.defaults["p"]:
+            unused = ["p"]
+        if unused:
+            raise PolicyOptionError(
+                f"atp: option(s) {unused} are not used with schedule={o['schedule']!r}, rule={o['rule']!r} "
+                "(p, gamma, rule, z_beta and n_min belong to schedule='adaptive'; z_beta to rule='z', p to "
+                "rule='mass'); drop them or change the schedule / rule"
             )
 
     def default_positions(self, info: ModelInfo) -> str:
@@ -217,7 +284,10 @@ class ATPPolicy(Policy):
         """The topk schedule (exact); adaptive schedules vary per instance and are priced at the topk counts."""
         self.plan(info, keep)
         n = shape.n_content
-        counts = atp_schedule(item_budget(keep, n), n, self._prune, info.n_llm_layers)
+        target = item_budget(keep, n)
+        if self.options["schedule"] == "topk":
+            check_atp_budget(keep, target, n, [n], self._prune, info.n_llm_layers)
+        counts = atp_schedule(target, n, self._prune, info.n_llm_layers)
         stages = tuple(p + 1 for p in self._prune)
         return Nominal(staged(n, counts, stages, info.n_llm_layers, shape.length - n))
 
@@ -257,12 +327,10 @@ class ATPPolicy(Policy):
                 kept = atp_select(scores, spatial, mass=mass, z_beta=z, n_min=self.options["n_min"])
             else:
                 input_visual = int((ctx.input_layout.valid[b] & ctx.input_layout.visual[b]).sum())
-                target = sum(item_budget(ctx.keep, it.shape.n_content) for it in items)
+                sizes = [it.shape.n_content for it in items]
+                target = sum(item_budget(ctx.keep, n) for n in sizes)
+                check_atp_budget(ctx.keep, target, input_visual, sizes, self._prune, ctx.info.n_llm_layers)
                 counts = atp_schedule(target, input_visual, self._prune, ctx.info.n_llm_layers)
-                if (self._prune[0] + 1) * input_visual + (ctx.info.n_llm_layers - self._prune[0] - 1) > (
-                    ctx.info.n_llm_layers * target
-                ):
-                    ctx.note(f"atp: keep={ctx.keep!r} is below what pruning after layer {self._prune[0]} can reach")
                 kept = atp_select(scores, spatial, count=min(counts[index], visual.numel()))
             out.append(Selection(visual[kept]))
         return out

@@ -10,29 +10,32 @@ parametrisation), ignoring `keep` for the count.
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget, one_stage_llm_count
+from ..budget import Keep, infeasible_budget, item_budget, one_stage_llm_count
 from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
-from ..errors import BudgetError, PolicyOptionError
+from ..errors import PolicyOptionError
 from ..ops.topk import topk_keep_order
-from .base import Policy
+from .base import Float, Int, Option, Policy
 from .nominal import Nominal, staged
 from .registry import register
 
 
-def fastv_count(target: float, n_visual: int, layer: int, n_layers: int) -> int:
-    """Tokens kept from layer `layer` on so the layer-averaged count meets `target` (see module doc)."""
+def fastv_count(
+    target: float, n_visual: int, layer: int, n_layers: int, keep: Keep | None = None, sizes: list[int] | None = None
+) -> int:
+    """Tokens kept from layer `layer` on so the layer-averaged count meets `target` (see module doc).
+
+    Raises `BudgetError` naming the smallest reachable keep (for items of `sizes` content tokens, default one item
+    of `n_visual`) when even one token from layer `layer` on would overshoot `target` by more than half a token."""
+    if n_visual <= 0:
+        return 0
     r = one_stage_llm_count(target, n_visual, layer, n_layers)
     if r < 0.5:
         minimum = (layer * n_visual + (n_layers - layer)) / n_layers
-        raise BudgetError(
-            f"fastv at layer {layer} of {n_layers}: a layer-averaged budget of {target:g} of {n_visual} visual "
-            f"tokens is infeasible (the first {layer} layers see all of them; the smallest reachable average is "
-            f"{minimum:.2f} tokens, keep >= {minimum / max(1, n_visual):.4f}); raise keep or lower layer"
-        )
+        reason = f"at layer {layer} of {n_layers} the first {layer} layers see all {n_visual}; lower layer"
+        raise infeasible_budget("fastv", reason, keep, target, minimum, sizes or [n_visual])
     return min(n_visual, max(1, round(r)))
 
 
@@ -40,13 +43,12 @@ def fastv_count(target: float, n_visual: int, layer: int, n_layers: int) -> int:
 class FastVPolicy(Policy):
     name = "fastv"
     description = "FastV: drop visual tokens at LLM layer K by the last token's attention at layer K-1."
-    defaults: ClassVar[dict[str, Any]] = {"layer": 2, "ratio": None}
-
-    def validate(self) -> None:
-        self._check_int("layer", 1)
-        ratio = self.options["ratio"]
-        if ratio is not None and (isinstance(ratio, bool) or not 0 < float(ratio) <= 1 or math.isnan(float(ratio))):
-            raise PolicyOptionError(f"fastv: ratio must be a float in (0, 1] or None, got {ratio!r}")
+    options_spec: ClassVar[dict[str, Option]] = {
+        "layer": Int(2, ge=1, doc="decoder layer K the pruning happens before (scores from layer K-1)"),
+        "ratio": Float(
+            None, gt=0, le=1, none=True, doc="R = round(ratio * N) kept from layer K (ignores keep); None = from keep"
+        ),
+    }
 
     def default_positions(self, info: ModelInfo) -> str:
         return "original"
@@ -64,7 +66,7 @@ class FastVPolicy(Policy):
         if self.options["ratio"] is not None:
             kept = min(n, max(1, round(float(self.options["ratio"]) * n)))
         else:
-            kept = fastv_count(item_budget(keep, n), n, k, info.n_llm_layers)
+            kept = fastv_count(item_budget(keep, n), n, k, info.n_llm_layers, keep)
         return Nominal(staged(n, [kept], (k,), info.n_llm_layers, shape.length - n))
 
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
@@ -78,6 +80,7 @@ class FastVPolicy(Policy):
             if self.options["ratio"] is not None:
                 count = min(n, max(1, round(float(self.options["ratio"]) * n)))
             else:
-                count = fastv_count(target, n, k, ctx.info.n_llm_layers)
+                sizes = [it.shape.n_content for it in ctx.items.per_sample[b]]
+                count = fastv_count(target, n, k, ctx.info.n_llm_layers, ctx.keep, sizes)
             out.append(Selection(slots[topk_keep_order(scores[b, slots], count)]))
         return out

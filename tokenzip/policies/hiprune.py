@@ -22,7 +22,7 @@ Per family (see the spec for the full table):
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -31,7 +31,7 @@ from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
-from .base import Policy
+from .base import Choice, Float, Int, Option, Policy
 from .common import NEWLINE_MODES, structural_to_keep
 from .nominal import Nominal, structural
 from .registry import register
@@ -109,27 +109,24 @@ COMPAT = {"official": ("flat", "minus_one"), "fixed": ("grid", "mask")}
 class HiPrunePolicy(Policy):
     name = "hiprune"
     description = "HiPrune: anchors + grid buffers from a middle ViT layer, registers from the deep layer (pre-LLM)."
-    defaults: ClassVar[dict[str, Any]] = {
-        "alpha": 0.1,
-        "object_layer": None,
-        "compat": None,
-        "neighbors": None,
-        "exclude": None,
-        "newlines": "drop",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "alpha": Float(0.1, ge=0, le=5, doc="anchor share: k_a = round(K * alpha / 5) anchors (<= K)"),
+        "object_layer": Int(
+            None, ge=1, none=True, doc="1-based vision layer of the anchor scores; None = the family default"
+        ),
+        "compat": Choice(
+            None, (None, "official", "fixed"), doc="released rules or tokenzip's fixes; None = per family"
+        ),
+        "neighbors": Choice(None, (None, "flat", "grid"), doc="buffer neighbours; None = from compat"),
+        "exclude": Choice(None, (None, "minus_one", "mask"), doc="candidate exclusion; None = from compat"),
+        "newlines": Choice("drop", NEWLINE_MODES, doc="OneVision per-row newline tokens"),
+        "score_dtype": Choice(
+            "float32",
+            ("float32", "model"),
+            doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
+            "model dtype)",
+        ),
     }
-
-    def validate(self) -> None:
-        alpha = self.options["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
-            raise PolicyOptionError(f"hiprune: alpha must be a number >= 0, got {alpha!r}")
-        self._check_int("object_layer", 1, allow_none=True)
-        for option, allowed in (
-            ("compat", (None, "official", "fixed")),
-            ("neighbors", (None, "flat", "grid")),
-            ("exclude", (None, "minus_one", "mask")),
-            ("newlines", NEWLINE_MODES),
-        ):
-            self._check_choice(option, allowed)
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         obj, deep = default_layers(info)
@@ -147,7 +144,8 @@ class HiPrunePolicy(Policy):
                     stacklevel=2,
                 )
         self._info, self._layers = info, (obj, deep)
-        signals = (VisionSignal("received", obj), VisionSignal("received", deep))
+        dtype = self.options["score_dtype"]
+        signals = (VisionSignal("received", obj, dtype), VisionSignal("received", deep, dtype))
         return Plan(pre_llm=True, vision_signals=tuple(dict.fromkeys(signals)))
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
@@ -165,8 +163,9 @@ class HiPrunePolicy(Policy):
         neighbors = self.options["neighbors"] or COMPAT[mode][0]
         exclude = self.options["exclude"] or COMPAT[mode][1]
         obj, deep = self._layers
-        s_obj = ctx.signals[VisionSignal("received", obj).key]
-        s_deep = ctx.signals[VisionSignal("received", deep).key]
+        dtype = self.options["score_dtype"]
+        s_obj = ctx.signals[VisionSignal("received", obj, dtype).key]
+        s_deep = ctx.signals[VisionSignal("received", deep, dtype).key]
         if self._info.family == "qwen2_5_vl" and mode == "official":
             segment = 4 * ctx.item.shape.parts[0].rows * ctx.item.shape.parts[0].cols  # patches per slice
             s_obj, s_deep = s_obj * segment, s_deep * segment

@@ -14,25 +14,41 @@ token is averaged, one after the other in ascending order, into its most similar
 (h <- (h + h_q) / 2). Kept tokens keep their positions.
 
 `keep` is the layer-averaged budget: rho (the fraction entering the LLM) = keep L / (K + (L - K)(1 - r));
-tau = 0.65 when rho <= 0.10, else 0.80. Images (tokenzip adaptation; the official outer stage passes them
-through): the single-frame case, top ceil(N rho) tokens by attention in raster order (`image_mode="topk"`), or
-untouched (`"passthrough"`, official). Qwen2.5-VL videos use the temporal slices as frames and keep original
-M-RoPE positions; LLaVA-1.5 and OneVision compact positions at the outer stage.
+tau = 0.65 when rho <= 0.10, else 0.80. Deviation from the spec's mapping (tokenzip's budget rule): the inner stage
+does not keep round(n (1 - r)) of the span but the content count that makes the layer average meet the budget
+given what the outer stage actually let through, n_K = round((L T - K n_0) / (L - K)) in [1, n_0] (T = the sum
+of the item budgets, n_0 = the content tokens entering layer K): the content tokens keep their top n_K by weight
+and the others are averaged into them, while the structural tokens of the span (OneVision's newlines) are kept
+as they are (official: they are ranked and merged like content), so that the counts are exact. When the outer
+count at the mapped rho is too large for any n_K to reach the budget (K n_0 + L - K > L (T + 1): per-frame ceilings
+of a short video), rho is lowered (rho <- rho cap / n_0 until the outer count fits; tau stays that of the mapped
+rho). With r = 0.5 fixed the ceilings per frame / image and the newlines in the span overshot keep by 4-5 %;
+with a 576-token LLaVA image the solved n_K is within two tokens of round(n_0 / 2) (keep 0.111, L 32: 78 -> 37
+instead of 39). An explicit `rho` and
+`image_mode="passthrough"` keep the official fixed r (the layer average then follows them, not keep; `patch.stats`
+marks it off budget). A budget below what the first K layers allow even at one outer token per frame raises
+`BudgetError` naming the smallest reachable keep.
+
+Images (tokenzip adaptation; the official outer stage passes them through): the single-frame case, top
+ceil(N rho) tokens by attention in raster order (`image_mode="topk"`), or untouched (`"passthrough"`,
+official). Qwen2.5-VL videos use the temporal slices as frames and keep original M-RoPE positions; LLaVA-1.5
+and OneVision compact positions at the outer stage.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget
+from ..budget import Keep, infeasible_budget, item_budget
 from ..contexts import LLMSignal, LLMStageContext, Plan, PreLLMItem, Selection, VisionSignal
 from ..errors import PolicyOptionError
+from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Policy
+from .base import Bool, Choice, Float, Int, Option, Policy
 from .common import structural_to_keep
 from .nominal import Nominal, staged
 from .registry import register
@@ -88,13 +104,15 @@ def dpc_knn_merge(
     included) (+ noise); delta_i = distance to the nearest denser point (max distance for the densest); centres
     = the top `centres_wanted` of density * delta; others join their nearest centre (ties -> lower index);
     merged = beta * centre + (1 - beta) * mean(members) (centre alone without members; beta None: the plain
-    mean of centre and members).
+    mean of centre and members). Merged values are differentiable in `points` (float64 stays float64); the
+    clustering itself is computed without gradient.
     """
     n, d = points.shape
     if centres_wanted <= 0 or n == 0:
         return torch.zeros(0, dtype=torch.long), points[:0]
-    z = points.float()
-    dist = torch.cdist(z, z) / math.sqrt(d)
+    z = points.to(torch.promote_types(points.dtype, torch.float32))
+    zd = z.detach()
+    dist = torch.cdist(zd, zd) / math.sqrt(d)
     k = max(1, min(knn, n))
     density = torch.exp(-(torch.sort(dist**2, dim=1).values[:, :k]).mean(1))
     if noise is not None:
@@ -109,7 +127,7 @@ def dpc_knn_merge(
     merged = z[centres].clone()
     if members.numel():
         assign = dist[members][:, centres].argmin(1)
-        counts = torch.bincount(assign, minlength=centres.numel()).float()[:, None]
+        counts = torch.bincount(assign, minlength=centres.numel()).to(z.dtype)[:, None]
         # members are summed in ascending order (index_add_ on CPU), in the official expression order
         if beta is None:  # mean over [centre, members...]: the centre is the first term of the sum
             merged = merged.clone().index_add_(0, assign, z[members]) / (1 + counts)
@@ -128,15 +146,21 @@ def holitom_outer(
     knn: int = 7,
     max_window: int = 1024,
     noise: callable | None = None,
+    segmentation: tuple[list[tuple[int, int]], float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """HoliTom's outer stage on one video. frames: [F, N, d] features; attention: [F, N].
 
     Returns (representatives [n_out, 2] = (frame, position) each output token stands at, values [n_out, d],
-    segments). `noise(n)` gives the density tie-breaking noise of a clustering call (None: no noise).
+    segments). `noise(n)` gives the density tie-breaking noise of a clustering call (None: no noise). The values
+    are differentiable in `frames` (segmentation, clustering and top-k are computed without gradient).
+    `segmentation`: (segments, saved) of `segment_frames` for these frames and tau, when already computed.
     """
     n_frames, n_tokens, _ = frames.shape
-    sim = temporal_similarity(frames) if n_frames > 1 else frames.new_zeros(0, n_tokens)
-    segments, saved = segment_frames(sim, tau, max_window) if n_frames > 1 else ([(0, 0)], 0.0)
+    sim = temporal_similarity(frames.detach()) if n_frames > 1 else frames.new_zeros(0, n_tokens)
+    if segmentation is not None:
+        segments, saved = segmentation
+    else:
+        segments, saved = segment_frames(sim, tau, max_window) if n_frames > 1 else ([(0, 0)], 0.0)
     ratio = rescaled_ratio(rho, n_frames, n_tokens, saved)
     static = sim > tau
     reps: list[torch.Tensor] = []
@@ -153,7 +177,7 @@ def holitom_outer(
             continue
         is_static = static[s:e].all(0)
         static_pos = is_static.nonzero().flatten()
-        z = frames[s : e + 1, static_pos].float().mean(0).to(frames.dtype)
+        z = frames[s : e + 1, static_pos].to(torch.promote_types(frames.dtype, torch.float32)).mean(0).to(frames.dtype)
         k_static = round(static_pos.numel() * ratio)
         draw = noise(z.shape[0]) if noise is not None and k_static > 0 else None  # drawn only when clustering
         centres, merged = dpc_knn_merge(z, k_static, min(knn, k_static), beta, draw)
@@ -164,6 +188,16 @@ def holitom_outer(
         for t in range(s, e + 1):
             frame_topk(t, dynamic, k_dynamic)
     return torch.cat(reps), torch.cat(values), segments
+
+
+def outer_count(segments: list[tuple[int, int]], static: torch.Tensor, n_tokens: int, ratio: float) -> int:
+    """Tokens `holitom_outer` emits for `segments` at the rescaled ratio `ratio` (static: [F - 1, N] static pairs):
+    ceil(N ratio) per single frame; round(n_static ratio) + (e - s + 1) ceil(n_dynamic ratio) per window."""
+    total = 0
+    for s, e in segments:
+        n_static = 0 if s == e else int(static[s:e].all(0).sum())
+        total += (0 if s == e else round(n_static * ratio)) + (e - s + 1) * math.ceil((n_tokens - n_static) * ratio)
+    return total
 
 
 def image_count(n_tokens: int, rho: float) -> int:
@@ -179,7 +213,8 @@ def inner_merge(hidden: torch.Tensor, weights: torch.Tensor, r: float) -> tuple[
     most similar kept token by h <- (h + h_q) / 2 (similarities computed once, before any update).
 
     hidden: [n, D]; weights: [n]. Returns (kept indices ascending, their values [k, D]). A kept token that
-    absorbs q_1 < ... < q_m ends as h / 2^m + sum_i h_{q_i} / 2^(m - i + 1).
+    absorbs q_1 < ... < q_m ends as h / 2^m + sum_i h_{q_i} / 2^(m - i + 1). The values are differentiable in
+    `hidden` (the assignment is computed without gradient).
     """
     n = hidden.shape[0]
     count = max(1, round(n * (1 - r)))
@@ -191,7 +226,7 @@ def inner_merge(hidden: torch.Tensor, weights: torch.Tensor, r: float) -> tuple[
     h = hidden.to(work)
     values = h[top].clone()
     if rest.numel():
-        unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = h.detach() / h.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         assign = (unit[rest] @ unit[top].T).argmax(1)  # [n_rest] index into `top`
         m = torch.bincount(assign, minlength=top.numel())
         order = torch.argsort(assign * n + rest, stable=True)  # grouped by target, ascending source index
@@ -227,40 +262,48 @@ def default_inner_layer(n_layers: int) -> int:
 class HoliTomPolicy(Policy):
     name = "holitom"
     description = "HoliTom: temporal DP segmentation + static clustering + dynamic top-k; inner LLM merge (video)."
-    defaults: ClassVar[dict[str, Any]] = {
-        "rho": None,
-        "tau": None,
-        "beta": 0.6,
-        "D": 0,
-        "knn": 7,
-        "max_window": 1024,
-        "inner": True,
-        "inner_layer": None,
-        "inner_r": 0.5,
-        "tie_noise": None,
-        "noise_seed": 0,
-        "noncausal_km1": False,
-        "image_mode": "topk",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "rho": Float(
+            None, gt=0, le=1, none=True, doc="fraction entering the LLM (official presets); None = derived from keep"
+        ),
+        "tau": Float(
+            None, ge=-1, le=1, none=True, doc="static-token cosine threshold; None = 0.65 if rho <= 0.10 else 0.80"
+        ),
+        "beta": Float(0.6, ge=0, le=1, none=True, doc="merged = beta centre + (1 - beta) mean; None = plain mean"),
+        "D": Int(0, ge=0, doc="contextual clustering of dynamic tokens (only 0, the official default)"),
+        "knn": Int(7, ge=1, doc="neighbours of the DPC-kNN density"),
+        "max_window": Int(1024, ge=2, doc="longest segment of the temporal DP (frames)"),
+        "inner": Bool(True, doc="run the inner-LLM merge"),
+        "inner_layer": Int(None, ge=1, none=True, doc="decoder layer K of the inner merge; None = round(18 L / 28)"),
+        "inner_r": Float(
+            0.5, ge=0, lt=1, doc="inner merge ratio r: sets rho from keep (the count is then solved); fixed with rho"
+        ),
+        "tie_noise": Choice(
+            None, (None, "seeded", "global", "off"), doc="density tie noise; None = off on Qwen2.5-VL, else seeded"
+        ),
+        "noise_seed": Int(0, ge=0, doc="seed of tie_noise='seeded'"),
+        "noncausal_km1": Bool(False, doc="layer K - 1 attends non-causally for the inner scores (official option)"),
+        "image_mode": Choice("topk", ("topk", "passthrough"), doc="images: top ceil(N rho), or untouched (official)"),
     }
 
     def validate(self) -> None:
         o = self.options
-        self._check_choice("tie_noise", (None, "seeded", "global", "off"))
-        self._check_choice("image_mode", ("topk", "passthrough"))
-        self._check_int("knn", 1)
-        self._check_int("max_window", 2)
-        self._check_int("inner_layer", 1, allow_none=True)
         if o["D"] != 0:
             raise PolicyOptionError(
                 "holitom: D > 0 (contextual clustering of dynamic tokens) is not implemented: its merge rule is "
                 "unverified and no official preset uses it; D must be 0"
             )
-        if o["beta"] is not None and not 0 <= o["beta"] <= 1:
-            raise PolicyOptionError(f"holitom: beta must lie in [0, 1] or be None, got {o['beta']!r}")
-        if not 0 <= o["inner_r"] < 1:
-            raise PolicyOptionError(f"holitom: inner_r must lie in [0, 1), got {o['inner_r']!r}")
-        if o["rho"] is not None and not 0 < o["rho"] <= 1:
-            raise PolicyOptionError(f"holitom: rho must lie in (0, 1], got {o['rho']!r}")
+        unused = []  # options another option's value would silently ignore
+        if not o["inner"]:
+            unused += [k for k in ("inner_layer", "inner_r", "noncausal_km1") if o[k] != self.defaults[k]]
+        if o["tie_noise"] in ("global", "off") and o["noise_seed"] != self.defaults["noise_seed"]:
+            unused.append("noise_seed")
+        if unused:
+            raise PolicyOptionError(
+                f"holitom: option(s) {unused} are not used with inner={o['inner']!r}, tie_noise={o['tie_noise']!r} "
+                "(inner_layer, inner_r and noncausal_km1 need inner=True; noise_seed needs tie_noise 'seeded' or "
+                "None); drop them"
+            )
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         self._info = info
@@ -285,20 +328,103 @@ class HoliTomPolicy(Policy):
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """Outer: ceil(N_frame rho) per frame (no static tokens assumed: the DP saves nothing) or ceil(N rho) for an
-        image (+ its newlines, every row assumed kept); inner: round(n (1 - r)) of the span from layer K on."""
+        image (+ its newlines, every row assumed kept), rho lowered by `_fit_rho` when the inner stage could not
+        reach the budget from that count; inner: the structural tokens + the content count `_inner_count` solves
+        from the outer one (round(n (1 - r)) of the span with an explicit `rho`)."""
         self.plan(info, keep)
         rho, _, r = self._ratios(keep, shape.n_content)
+        cap = self._outer_cap(keep, shape.n_content)
         if shape.modality == "video":
             part = shape.parts[0]
-            outer = part.frames * math.ceil(part.rows * part.cols * rho) + shape.trailing
+            per_frame = part.rows * part.cols
+            singles = [(f, f) for f in range(part.frames)]
+            no_static = torch.zeros(max(part.frames - 1, 0), per_frame, dtype=torch.bool)
+            rho = self._fit_rho(
+                keep, shape.n_content, rho, cap, lambda x: outer_count(singles, no_static, per_frame, x)
+            )
+            outer = part.frames * math.ceil(per_frame * rho) + shape.trailing
         elif self.options["image_mode"] == "passthrough":
             outer = shape.length
         else:
-            outer = image_count(shape.n_content, rho) + (shape.length - shape.n_content)
+            outer = self._image_keep(shape.n_content, rho, cap) + (shape.length - shape.n_content)
         if not self.options["inner"]:
             return Nominal([outer] * info.n_llm_layers)
-        inner = max(1, round(outer * (1 - r)))
+        if not self._solves_inner():
+            inner = max(1, round(outer * (1 - r)))
+        else:
+            structural = shape.length - shape.n_content if shape.modality != "video" else shape.trailing
+            n0 = outer - structural
+            target = item_budget(keep, shape.n_content)
+            inner = structural + self._inner_count(keep, target, n0, [shape.n_content], info.n_llm_layers)
         return Nominal(staged(outer, [inner], (self._layer,), info.n_llm_layers, 0))
+
+    def _outer_cap(self, keep: Keep, n_content: int) -> int | None:
+        """The most content tokens the outer stage may let through for the solved inner count to reach the item's
+        budget T within one token: K n_0 + (L - K) <= L (T + 1) (None: no cap, the inner count is not solved)."""
+        if not (self.options["inner"] and self._solves_inner()):
+            return None
+        n_layers, layer = self._info.n_llm_layers, self._layer
+        target = item_budget(keep, n_content)
+        return (n_layers * (target + 1) - (n_layers - layer)) // layer
+
+    def _fit_rho(self, keep: Keep, n_content: int, rho: float, cap: int | None, count_of) -> float:
+        """rho, or a lower ratio when `count_of(rho)` (the outer count) exceeds `cap`: rho <- rho cap / count until
+        it fits (the per-frame ceilings of a short video can push the outer count past what the inner stage can
+        bring back to the budget). Raises `BudgetError` when even the smallest outer count does not fit."""
+        if cap is None:
+            return rho
+        for _ in range(64):
+            count = count_of(rho)
+            if count <= cap:
+                return rho
+            rho = rho * cap / count if cap > 0 else 0.0
+            if rho <= 0:
+                break
+        floor = count_of(1e-12)  # the smallest outer count (one token per frame / dynamic run)
+        if floor <= cap:
+            return 1e-12
+        n_layers, layer = self._info.n_llm_layers, self._layer
+        reason = (
+            f"the first {layer} of {n_layers} layers see at least the {floor} tokens the outer stage keeps; pass a "
+            "later inner_layer or inner=False"
+        )
+        raise infeasible_budget(
+            "holitom",
+            reason,
+            keep,
+            item_budget(keep, n_content),
+            (layer * floor + n_layers - layer) / n_layers,
+            [n_content],
+        )
+
+    @staticmethod
+    def _image_keep(n_content: int, rho: float, cap: int | None) -> int:
+        """ceil(N rho) image tokens, at most `cap` (and at least 1)."""
+        count = image_count(n_content, rho)
+        return count if cap is None else max(1, min(count, cap))
+
+    def _solves_inner(self) -> bool:
+        """Whether the inner count is solved for `keep` (not with an explicit `rho` or image_mode="passthrough",
+        which follow the official fixed r and let the layer average follow them, not keep)."""
+        return self.options["rho"] is None and self.options["image_mode"] == "topk"
+
+    def _inner_count(self, keep: Keep, target: int, n0: int, sizes: list[int], n_layers: int) -> int:
+        """Content tokens the inner stage keeps so that the layer average (K layers of n0, L - K of the result)
+        meets `target`: round((L target - K n0) / (L - K)) within [1, n0] (tokenzip: the fixed r = inner_r
+        misses the budget when the outer stage overshoots it -- ceilings per frame, newlines in the span).
+        Raises `BudgetError` when even one token would overshoot `target` by more than one token per item."""
+        if n0 <= 0:
+            return 0
+        layer = self._layer
+        count = min(n0, max(1, round((n_layers * target - layer * n0) / (n_layers - layer))))
+        average = (layer * n0 + (n_layers - layer) * count) / n_layers
+        if average - target > len(sizes):
+            reason = (
+                f"the first {layer} of {n_layers} layers see the {n0} tokens the outer stage kept; pass a later "
+                "inner_layer or inner=False"
+            )
+            raise infeasible_budget("holitom", reason, keep, target, average, sizes)
+        return count
 
     def _fraction(self, keep: Keep, n_content: int) -> float:
         return item_budget(keep, n_content) / n_content
@@ -327,6 +453,7 @@ class HoliTomPolicy(Policy):
         return lambda n: torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 1e-6
 
     # ------------------------------------------------------------------------------------------ outer
+    @differentiable_values()  # merged values keep their autograd graph
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         shape = ctx.item.shape
         video = ctx.item.modality == "video"
@@ -341,6 +468,21 @@ class HoliTomPolicy(Policy):
             per_frame = part.rows * part.cols
             frames = ctx.embeds[content.to(dev)].reshape(part.frames, per_frame, -1)
             attention = scores[content.to(dev)].reshape(part.frames, per_frame)
+            segmentation, cap = None, self._outer_cap(ctx.keep, shape.n_content)
+            if cap is not None and part.frames > 1:  # lower rho if the inner stage could not reach the budget
+                static = temporal_similarity(frames.detach())
+                segmentation = segment_frames(static, tau, self.options["max_window"])
+                static = static > tau
+            else:
+                static = torch.zeros(0, per_frame, dtype=torch.bool, device=dev)
+            segments, saved = segmentation or ([(0, 0)], 0.0)
+            rho = self._fit_rho(
+                ctx.keep,
+                shape.n_content,
+                rho,
+                cap,
+                lambda x: outer_count(segments, static, per_frame, rescaled_ratio(x, part.frames, per_frame, saved)),
+            )
             reps, values, _ = holitom_outer(
                 frames,
                 attention,
@@ -350,16 +492,18 @@ class HoliTomPolicy(Policy):
                 self.options["knn"],
                 self.options["max_window"],
                 self._noise(),
+                segmentation,
             )
             local = content.to(dev)[reps[:, 0] * per_frame + reps[:, 1]]
             tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # trailing newline
             return Selection(torch.cat([local, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True)
-        count = image_count(content.numel(), rho)
+        count = self._image_keep(content.numel(), rho, self._outer_cap(ctx.keep, shape.n_content))
         kept = content[torch.sort(topk_stable(scores[content.to(dev)], count)).values.cpu()]
         extra = structural_to_keep(shape, kept, "keep_nonempty_rows")  # HoliTom's grid newline rule
         return Selection(torch.cat([kept, extra]))
 
     # ------------------------------------------------------------------------------------------ inner
+    @differentiable_values()  # merged values keep their autograd graph
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
         weights = ctx.signals[LLMSignal("last_row", ctx.layer - 1).key]
         layout = ctx.layout
@@ -371,6 +515,21 @@ class HoliTomPolicy(Policy):
                 continue
             n_content = sum(it.shape.n_content for it in items)
             _, _, r = self._ratios(ctx.keep, n_content)
-            kept, values = inner_merge(ctx.hidden_states[b, span], weights[b, span], r)
-            out.append(Selection(span[kept], values))
+            if not self._solves_inner():  # official: top round(n (1 - r)) of the whole span, newlines included
+                kept, values = inner_merge(ctx.hidden_states[b, span], weights[b, span], r)
+                out.append(Selection(span[kept], values))
+                continue
+            # keep-derived: the structural tokens stay, the content keeps the count that meets the budget
+            is_content = layout.visual[b, span]
+            content, structural = span[is_content], span[~is_content]
+            sizes = [it.shape.n_content for it in items]
+            target = sum(item_budget(ctx.keep, n) for n in sizes)
+            want = self._inner_count(ctx.keep, target, content.numel(), sizes, ctx.info.n_llm_layers)
+            if want == 0:
+                out.append(Selection(span))
+                continue
+            kept, values = inner_merge(ctx.hidden_states[b, content], weights[b, content], 1 - want / content.numel())
+            keep_idx = torch.cat([content[kept], structural])
+            values = torch.cat([values, ctx.hidden_states[b, structural].to(values.dtype)])
+            out.append(Selection(keep_idx, values))
         return out

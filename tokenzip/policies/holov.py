@@ -25,16 +25,18 @@ kept tokens into sequence order (the released code does not).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..adapters.base import ModelInfo
 from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
-from ..errors import PolicyOptionError
+from ..errors import PolicyOptionError, UnsupportedInputError
+from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Policy
+from ..signals.checks import require_finite
+from .base import Choice, Float, Int, Option, Policy
 from .common import NEWLINE_MODES, structural_to_keep
 from .nominal import Nominal, structural
 from .registry import register
@@ -83,10 +85,16 @@ def crop_quotas(weights: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def redistribute(quotas: torch.Tensor, sizes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Move the surplus of saturated crops to unsaturated ones by weight (same floor / +1 rule), repeatedly."""
+    """Move the surplus of saturated crops to unsaturated ones by weight (same floor / +1 rule), repeatedly.
+
+    quotas / sizes: LongTensor [C]; weights: float [C], finite and >= 0. Each pass fills at least one free slot or
+    ends, so at most sum(sizes) + 1 passes run; weights that break this raise `UnsupportedInputError`.
+    """
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise UnsupportedInputError(f"holov: crop weights must be finite and >= 0, got {weights.tolist()}")
     quotas = quotas.clone()
     carry = 0
-    while True:
+    for _ in range(int(sizes.sum()) + 2):
         carry += int((quotas - sizes).clamp_min(0).sum())
         quotas = torch.minimum(quotas, sizes)
         open_crops = (quotas < sizes).nonzero().flatten()
@@ -100,6 +108,7 @@ def redistribute(quotas: torch.Tensor, sizes: torch.Tensor, weights: torch.Tenso
         bump = topk_stable(w, min(rest, open_crops.numel()))
         quotas[open_crops[bump]] += 1
         carry = rest - bump.numel()
+    raise UnsupportedInputError(f"holov: the crop quotas did not settle (weights {weights.tolist()})")
 
 
 def holov_select(
@@ -117,6 +126,8 @@ def holov_select(
     K - kept zero rows; "redistribute" (fixed) re-splits saturated crops' surplus so min(K, N) real tokens are
     kept. C > N acts as C = N (the official code skips the empty crops).
     """
+    require_finite(attention, "holov", "the pre_llm stage", "attention scores")
+    require_finite(features, "holov", "the pre_llm stage", "features")
     n = attention.numel()
     sizes_list = crop_sizes(n, min(crops, n))
     sizes = torch.tensor(sizes_list)
@@ -146,24 +157,28 @@ def holov_select(
 class HoloVPolicy(Policy):
     name = "holov"
     description = "HoloV: crop-wise budgets from attention + feature variance, attention top-k per crop (pre-LLM)."
-    defaults: ClassVar[dict[str, Any]] = {
-        "beta": 0.09,
-        "crops": None,
-        "compat": None,
-        "shortfall": None,
-        "newlines": "drop",
-        "order": "official",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "beta": Float(0.09, ge=0, doc="weight of the similarity-variance term in the crop score"),
+        "crops": Int(None, ge=1, none=True, doc="number of crops C; None = max(1, floor(16 N / (9 K)))"),
+        "compat": Choice(
+            None, (None, "official", "fixed"), doc="released behaviour or tokenzip's fixes; None = per family"
+        ),
+        "shortfall": Choice(
+            None, (None, "zeros", "redistribute"), doc="saturated crops: zero rows or re-split; None = from compat"
+        ),
+        "newlines": Choice(
+            "drop", tuple(m for m in NEWLINE_MODES if m != "keep"), doc="OneVision per-row newline tokens"
+        ),
+        "order": Choice("official", ("official", "raster"), doc="crop order (released) or sequence order"),
+        "score_dtype": Choice(
+            "float32",
+            ("float32", "model"),
+            doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
+            "model dtype)",
+        ),
     }
 
     def validate(self) -> None:
-        beta = self.options["beta"]
-        if isinstance(beta, bool) or not isinstance(beta, int | float):
-            raise PolicyOptionError(f"holov: beta must be a number, got {beta!r}")
-        self._check_int("crops", 1, allow_none=True)
-        self._check_choice("compat", (None, "official", "fixed"))
-        self._check_choice("shortfall", (None, "zeros", "redistribute"))
-        self._check_choice("order", ("official", "raster"))
-        self._check_choice("newlines", tuple(m for m in NEWLINE_MODES if m != "keep"))
         if self.options["newlines"] == "keep_nonempty_rows" and self.options["shortfall"] == "zeros":
             raise PolicyOptionError(
                 "holov: newlines='keep_nonempty_rows' re-sorts tokens; use shortfall='redistribute'"
@@ -171,12 +186,17 @@ class HoloVPolicy(Policy):
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         self._info = info
+        if info.family == "qwen2_5_vl" and self.compat() == "official" and self.options["order"] != "official":
+            raise PolicyOptionError(
+                f"holov: order={self.options['order']!r} is not available with compat='official' on Qwen2.5-VL "
+                "(the released path keeps window order); use compat='fixed' or order='official'"
+            )
         if info.family == "llava":
-            signal = VisionSignal("cls", info.vision_feature_layer)
+            signal = VisionSignal("cls", info.vision_feature_layer, self.options["score_dtype"])
         elif info.family == "qwen2_5_vl":
-            signal = VisionSignal("received", info.n_vision_layers - 1)
+            signal = VisionSignal("received", info.n_vision_layers - 1, self.options["score_dtype"])
         else:
-            signal = VisionSignal("received", info.vision_feature_layer)
+            signal = VisionSignal("received", info.vision_feature_layer, self.options["score_dtype"])
         self._signal = signal
         return Plan(pre_llm=True, vision_signals=(signal,))
 
@@ -190,6 +210,7 @@ class HoloVPolicy(Policy):
             return self.options["compat"]
         return "official" if self._info.family == "llava" else "fixed"
 
+    @differentiable_values()  # zero-padded / shifted-window values keep their autograd graph
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         official = self.compat() == "official"
         qwen_official = official and self._info.family == "qwen2_5_vl"

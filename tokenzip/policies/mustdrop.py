@@ -4,12 +4,12 @@
    token each (plain mean), emitted first in descending similarity, then every other patch in raster order.
    A key set (top 8% of the merged tokens by CLS attention at the tower's last layer on LLaVA-1.5, by mean
    attention received elsewhere) is protected from later dropping.
-2. Prefill: after layers p (2, 6, 10, 14 of 32; round(p L / 32) otherwise) the text rows' attention to the
-   visual tokens (a[t, j], from layer p's own q/k) filters tokens: the official dual threshold drops j iff
-   sum_t a[t, j] < global_thr * total and max_t a[t, j] < individual_thr (`schedule="thresholds"`, presets by
-   name); the default `schedule="budget"` keeps the key set plus the top tokens by
-   u_j = max(g_j / sum g, p_j / c_ratio) -- the same test with one threshold per stage -- with counts that
-   make the layer-averaged count equal `keep` (`mustdrop_schedule`).
+2. Prefill: after layers p (2, 6, 10, 14 of 32; round(p L / 32) otherwise, see `default_prune_layers`) the text
+   rows' attention to the visual tokens (a[t, j], from layer p's own q/k) filters tokens: the official dual
+   threshold drops j iff sum_t a[t, j] < global_thr * total and max_t a[t, j] < individual_thr
+   (`schedule="thresholds"`, presets by name); the default `schedule="budget"` keeps the key set plus the top
+   tokens by u_j = max(g_j / sum g, p_j / c_ratio) -- the same test with one threshold per stage -- with counts
+   that make the layer-averaged count equal `keep` (`mustdrop_schedule`).
 3. Decode: once after prefill the KV caches of the pruning layers are cut to the final surviving tokens.
 
 LLaVA-1.5 (official family): merge inside CLIP before layer 1, CLS key row at the last layer, compact positions;
@@ -18,17 +18,40 @@ and LLaVA-OneVision (tokenzip adaptation): merge on the post-projector grids (pe
 token stands at its window's centre), key scores = mean received at the last / feature vision layer (a merged
 window's = mean of its 9), Qwen keeps original M-RoPE positions, OneVision compacts and drops newline tokens
 (a video's trailing newline stays).
+
+Budget (`schedule="budget"`): each sample's layer-averaged visual count (`SampleRecord.visual_mean`) equals the
+sum of its items' budgets within one token per item, or the first forward raises `BudgetError` naming the smallest
+reachable keep. Deviations from the spec (§11.7) this needs (the pure `mustdrop_schedule` still reproduces every
+cell of the spec's worked table, its infeasible flag included):
+- infeasible budgets (the first p1 + 1 layers see every merged token and the key set survives every prune, so the
+  average cannot go below (w_0 N_m + (L - w_0) n_key) / L; 96.6 tokens on 576 unmerged LLaVA-1.5 tokens) raise
+  `BudgetError` instead of silently keeping only the key set (the spec's `budget_infeasible`);
+- the merge takes at most floor((N - budget) / 8) windows per item (the most similar ones), so that the merge
+  alone never leaves an item below its budget (the spec merges every window >= merge_thr and then skips the LLM
+  filter, landing under budget); the thresholds schedule, which ignores keep, merges uncapped;
+- shallow LLMs: round(p L / 32) collides ((0, 2, 2, 4) at L = 8, one stage applied twice, 7-11 % over budget);
+  colliding layers move to the next free layer, (0, 2, 3, 4) at L = 8 (values at L = 24, 28, 32, 36 unchanged).
+`budget_count="official_log"` meets keep in the paper's logged accounting (`visual_mean_logged`); its true
+average is higher by design (opt-in for reproducing logged numbers). `schedule="thresholds"` ignores keep.
+
+Options of the spec not offered: `schedule="single_gamma"` (§11.2: one gamma per sample, bisected until the
+layer average matches keep) cannot be implemented faithfully here: each bisection step must re-run decoder
+layers 0..p4 of the prefill with that gamma's pruning, because the attention at a later pruning layer depends on
+what the earlier ones dropped; tokenzip policies select inside one hooked forward pass (they never run modules),
+and the engine has no re-run primitive. It is refused with `PolicyOptionError` saying so. `r_scope="batch"` (the
+official minimum merge count over the tower's batch) is offered on LLaVA-1.5 only, where one tower call holds the
+batch's images; on Qwen2.5-VL / OneVision the merge runs per item after the projector and the option is refused.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget
+from ..budget import Keep, infeasible_budget, item_budget
 from ..contexts import (
     DecodeContext,
     LLMSignal,
@@ -40,8 +63,9 @@ from ..contexts import (
     VisionStageContext,
 )
 from ..errors import PolicyOptionError
+from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Policy
+from .base import Choice, Float, Int, Option, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 from .units import grid_units
@@ -187,51 +211,123 @@ def mustdrop_schedule(
 
 
 def default_prune_layers(n_layers: int) -> tuple[int, ...]:
-    """round(p * L / 32) for the official (2, 6, 10, 14): 2, 5, 9, 12 at L = 28; 2, 4, 8, 10 at L = 24."""
-    return tuple(round(p * n_layers / 32) for p in OFFICIAL_PRUNE_LAYERS)
+    """round(p * L / 32) for the official (2, 6, 10, 14): 2, 5, 9, 12 at L = 28; 2, 4, 8, 10 at L = 24.
+
+    Made distinct and increasing for shallow LLMs (a layer that rounds onto its predecessor moves to the next
+    one, and the last stays at most L - 2 so that a layer runs on the final set): (0, 2, 3, 4) at L = 8,
+    (1, 2, 4, 5) at L = 12. An LLM with fewer than 6 layers gets min(4, L - 1) stages 0, 1, ..."""
+    if n_layers < 2:
+        raise PolicyOptionError(f"mustdrop needs an LLM of at least 2 layers to prune in, got {n_layers}")
+    stages = min(len(OFFICIAL_PRUNE_LAYERS), n_layers - 1)
+    layers: list[int] = []
+    for p in OFFICIAL_PRUNE_LAYERS[:stages]:
+        layers.append(max(round(p * n_layers / 32), layers[-1] + 1 if layers else 0))
+    for i in range(stages - 1, -1, -1):  # pull back from the end: the last at most L - 2, still increasing
+        layers[i] = min(layers[i], n_layers - 2 - (stages - 1 - i))
+    return tuple(layers)
+
+
+def merge_counts(
+    sims: list[torch.Tensor], threshold: float, r_scope: str = "image", caps: list[int | None] | None = None
+) -> list[int]:
+    """Windows to merge per grid: #(sim >= threshold), at most caps[i] (None = no cap); with
+    r_scope="batch" (the official code) every grid merges the minimum over the grids (§2.3).
+
+    sims: one [n_windows_i] tensor per grid (image row of the tower call)."""
+    counts = [int((s >= threshold).sum()) for s in sims]
+    if caps is not None:
+        counts = [c if cap is None else min(c, cap) for c, cap in zip(counts, caps, strict=True)]
+    if r_scope == "batch" and counts:
+        counts = [min(counts)] * len(counts)
+    return counts
+
+
+def merge_cap(n_tokens: int, budget: int, window: int = 9) -> int:
+    """Most windows of `window` tokens that may merge while n_tokens - (window - 1) r stays >= budget."""
+    return max(0, (n_tokens - budget) // (window - 1))
+
+
+def cap_across_units(sims: list[torch.Tensor], threshold: float, cap: int) -> list[int]:
+    """Per grid unit of one item: its windows among the `cap` most similar windows >= threshold over all the
+    item's units (ties -> earlier unit, lower window), i.e. the item's merges capped at `cap` in total."""
+    counts = [int((s >= threshold).sum()) for s in sims]
+    if sum(counts) <= cap:
+        return counts
+    flat = torch.cat([s.float().cpu() for s in sims]) if sims else torch.zeros(0)
+    chosen = topk_stable(flat, cap)
+    unit = torch.repeat_interleave(torch.arange(len(sims)), torch.tensor([s.numel() for s in sims]))
+    return torch.bincount(unit[chosen], minlength=len(sims)).tolist()
+
+
+SINGLE_GAMMA_UNAVAILABLE = (
+    "mustdrop: schedule='single_gamma' is not available: it bisects one gamma per sample, and every bisection step "
+    "must re-run the decoder layers 0..p4 of the prefill on that gamma's pruned sequences (the attention at a later "
+    "pruning layer depends on what the earlier ones dropped); tokenzip policies select from one pass of hooks and "
+    "cannot re-run layers. Use schedule='budget' (the same dual test, one gamma per stage, exact counts) or "
+    "schedule='thresholds' (one fixed pair for all stages)"
+)
 
 
 @register
 class MustDropPolicy(Policy):
     name = "mustdrop"
     description = "MustDrop: 3x3 window merging + key set, text-attention filter at 4 LLM layers, KV trimming."
-    defaults: ClassVar[dict[str, Any]] = {
-        "schedule": "budget",
-        "global_thr": None,
-        "individual_thr": None,
-        "preset": None,
-        "c_ratio": 1.0,
-        "merge_thr": 0.8,
-        "key_rate": 0.08,
-        "prune_layers": None,
-        "compat": None,
-        "budget_count": "true",
-        "newlines": "drop",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "schedule": Choice(
+            "budget",
+            ("budget", "thresholds"),
+            doc="'budget': counts that meet keep; 'thresholds': the official dual test with fixed thresholds",
+        ),
+        "global_thr": Float(None, ge=0, none=True, doc="official global threshold (schedule='thresholds')"),
+        "individual_thr": Float(None, ge=0, none=True, doc="official individual threshold (schedule='thresholds')"),
+        "preset": Choice(None, (None, *PRESETS), doc="an official script's threshold pair (implies 'thresholds')"),
+        "c_ratio": Float(1.0, gt=0, doc="individual_thr / global_thr of the budget schedule's single test"),
+        "merge_thr": Float(0.8, gt=0, le=1, doc="mean pairwise cosine similarity at which a 3x3 window merges"),
+        "key_rate": Float(0.08, gt=0, le=1, doc="share of each item's merged tokens protected as the key set"),
+        "prune_layers": Tuple(
+            None, Int(0, ge=0), min_length=1, increasing=True, none=True, doc="filter after these layers; None = auto"
+        ),
+        "compat": Choice(None, (None, "official", "fixed"), doc="decode positions of edited layers; None = family"),
+        "budget_count": Choice("true", ("true", "official_log"), doc="layer-average accounting keep is met in"),
+        "newlines": Choice("drop", ("drop",), doc="OneVision newline tokens are dropped at the LLM input"),
+        "r_scope": Choice(
+            "image", ("image", "batch"), doc="merge count per image, or the batch minimum (official; LLaVA-1.5)"
+        ),
     }
+
+    def check_options(self) -> None:
+        if self.options.get("schedule") == "single_gamma":
+            raise PolicyOptionError(SINGLE_GAMMA_UNAVAILABLE)
+        super().check_options()
 
     def validate(self) -> None:
         o = self.options
-        self._check_choice("schedule", ("budget", "thresholds"))
-        self._check_choice("compat", (None, "official", "fixed"))
-        self._check_choice("budget_count", ("true", "official_log"))
-        self._check_choice("newlines", ("drop",))
         if o["preset"] is not None:
-            if o["preset"] not in PRESETS:
-                raise PolicyOptionError(f"mustdrop: unknown preset {o['preset']!r}; presets: {sorted(PRESETS)}")
+            official = PRESETS[o["preset"]]
+            given = (o["global_thr"], o["individual_thr"])
+            if any(g is not None and g != want for g, want in zip(given, official, strict=True)):
+                raise PolicyOptionError(
+                    f"mustdrop: preset={o['preset']!r} sets (global_thr, individual_thr) = {official}; got "
+                    f"{given}: pass either the preset or the thresholds"
+                )
             o["schedule"] = "thresholds"
-            o["global_thr"], o["individual_thr"] = PRESETS[o["preset"]]
-        if o["schedule"] == "thresholds" and (o["global_thr"] is None or o["individual_thr"] is None):
+            o["global_thr"], o["individual_thr"] = official
+        if o["schedule"] == "thresholds":
+            if o["global_thr"] is None or o["individual_thr"] is None:
+                raise PolicyOptionError(
+                    "mustdrop: schedule='thresholds' needs global_thr and individual_thr (or a preset: "
+                    f"{sorted(PRESETS)}); the official CLI default (1.0, 0.0) keeps every token"
+                )
+            if o["c_ratio"] != 1.0 or o["budget_count"] != "true":
+                raise PolicyOptionError(
+                    "mustdrop: c_ratio and budget_count shape the 'budget' schedule only; with "
+                    "schedule='thresholds' the thresholds decide (leave c_ratio=1.0, budget_count='true')"
+                )
+        elif o["global_thr"] is not None or o["individual_thr"] is not None:
             raise PolicyOptionError(
-                "mustdrop: schedule='thresholds' needs global_thr and individual_thr (or a preset: "
-                f"{sorted(PRESETS)}); the official CLI default (1.0, 0.0) keeps every token"
+                "mustdrop: global_thr / individual_thr are used by schedule='thresholds' only; the 'budget' schedule "
+                "picks one threshold per stage from keep (ratio set by c_ratio)"
             )
-        for name in ("c_ratio", "merge_thr", "key_rate"):
-            value = o[name]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise PolicyOptionError(f"mustdrop: {name} must be a positive number, got {value!r}")
-        layers = o["prune_layers"]
-        if layers is not None and (not layers or list(layers) != sorted(set(layers))):
-            raise PolicyOptionError(f"mustdrop: prune_layers must be increasing layer indices, got {layers!r}")
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
@@ -241,6 +337,12 @@ class MustDropPolicy(Policy):
             raise PolicyOptionError(f"mustdrop: prune layers {layers} leave no layer after the last one")
         self._prune = layers
         signals = tuple(LLMSignal("rows_from_visual", p) for p in layers)
+        if self.options["r_scope"] == "batch" and info.family != "llava":
+            raise PolicyOptionError(
+                f"mustdrop: r_scope='batch' (the official minimum merge count over the tower's batch) exists for "
+                f"LLaVA-1.5 only, whose merge runs on all images of a call at once; on {info.family} the merge runs "
+                "per item after the projector (r_scope='image')"
+            )
         if info.family == "llava":
             self._key_signal = VisionSignal("cls", info.n_vision_layers - 1)
             return Plan(
@@ -269,15 +371,29 @@ class MustDropPolicy(Policy):
         if self.options["schedule"] == "thresholds":
             counts = [n] * len(self._prune)  # thresholds are data-dependent: priced as no dropping
         else:
-            counts, _ = mustdrop_schedule(
-                item_budget(keep, n), n, n_key, self._prune, info.n_llm_layers, self.options["budget_count"]
-            )
+            counts = self._counts(item_budget(keep, n), n, n_key, info.n_llm_layers, keep, [n])
         extra = shape.trailing
         tokens = staged(n, counts, tuple(p + 1 for p in self._prune), info.n_llm_layers, extra)
         cache = list(tokens)
         for layer in range(self._prune[0], self._prune[-1] + 1):
             cache[layer] = counts[-1] + extra
         return Nominal(tokens, cache)
+
+    def _counts(self, target: int, n_merged: int, n_key: int, n_layers: int, keep: Keep, sizes: list[int]) -> list[int]:
+        """`mustdrop_schedule` counts, or `BudgetError` naming the smallest reachable keep when even keeping only
+        the key set from the first pruning layer on overshoots `target` (`sizes`: content tokens per item)."""
+        accounting = self.options["budget_count"]
+        counts, infeasible = mustdrop_schedule(target, n_merged, n_key, self._prune, n_layers, accounting)
+        if infeasible:
+            w0 = layer_weights(self._prune, n_layers, accounting)[0]
+            floor = (w0 * n_merged + (n_layers - w0) * n_key) / n_layers
+            reason = (
+                f"the first {w0} of {n_layers} layers see all {n_merged} visual "
+                f"tokens left after the merge and the key set ({n_key} tokens, key_rate) survives every prune at "
+                f"layers {self._prune}; {accounting!r} accounting"
+            )
+            raise infeasible_budget("mustdrop", reason, keep, target, floor, sizes)
+        return counts
 
     def compat(self) -> str:
         if self.options["compat"] is not None:
@@ -288,30 +404,47 @@ class MustDropPolicy(Policy):
         return "cache_length" if self.compat() == "official" else "layout"
 
     # ------------------------------------------------------------------------------------------ stage 1
+    def _merge_cap(self, keep: Keep, n_content: int) -> int | None:
+        """Most windows an item of `n_content` tokens may merge under the budget schedule (so the merge alone never
+        takes it below its budget); None (no cap) under the thresholds schedule, which does not use keep."""
+        if self.options["schedule"] == "thresholds":
+            return None
+        return merge_cap(n_content, item_budget(keep, n_content))
+
+    @differentiable_values()  # merged window means keep their autograd graph (tokenzip.ops.grad)
     def select_vision(self, ctx: VisionStageContext) -> list[Selection]:
         patches = ctx.hidden_states[:, int(ctx.has_cls) :]
         side = math.isqrt(patches.shape[1])
         windows = window_index(side, side)
+        sims = [window_similarity(patches[r], windows) for r in range(patches.shape[0])]
+        cap = self._merge_cap(ctx.keep, patches.shape[1])
+        counts = merge_counts(sims, self.options["merge_thr"], self.options["r_scope"], [cap] * len(sims))
         out = []
         for r in range(patches.shape[0]):
-            sims = window_similarity(patches[r], windows)
-            reps, values, merged = spatial_merge(patches[r], windows, sims, self.options["merge_thr"])
-            members = windows[topk_stable(sims, merged).cpu()]  # [merged, k^2]: the windows, first cell = rep
+            reps, values, merged = spatial_merge(patches[r], windows, sims[r], count=counts[r])
+            members = windows[topk_stable(sims[r], merged).cpu()]  # [merged, k^2]: the windows, first cell = rep
             rest = members.shape[1] - 1
             groups = torch.stack([members[:, 1:].flatten(), members[:, :1].expand(-1, rest).flatten()])
             out.append(Selection(reps, values, ordered=True, groups=groups))
         return out
 
+    @differentiable_values()  # merged window means keep their autograd graph (tokenzip.ops.grad)
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         dev = ctx.embeds.device
         scores = ctx.signals[self._key_signal.key]
         keep, values, notes, groups = [], [], [], []
-        for unit in grid_units(ctx.item.shape):
+        units = grid_units(ctx.item.shape)
+        unit_windows = [window_index(unit.rows, unit.cols) for unit in units]
+        unit_sims = [
+            window_similarity(ctx.embeds[u.cells.to(dev)], w) for u, w in zip(units, unit_windows, strict=True)
+        ]
+        cap = self._merge_cap(ctx.keep, ctx.item.shape.n_content)
+        thr = self.options["merge_thr"]
+        counts = merge_counts(unit_sims, thr) if cap is None else cap_across_units(unit_sims, thr, cap)
+        for unit, windows, sims, count in zip(units, unit_windows, unit_sims, counts, strict=True):
             cells = unit.cells.to(dev)
             tokens = ctx.embeds[cells]
-            windows = window_index(unit.rows, unit.cols)
-            sims = window_similarity(tokens, windows)
-            reps, vals, r = spatial_merge(tokens, windows, sims, self.options["merge_thr"], representative="center")
+            reps, vals, r = spatial_merge(tokens, windows, sims, count=count, representative="center")
             unit_scores = scores[cells].float()
             members = windows.to(dev)[topk_stable(sims, r).to(dev)]  # [r, k^2] the merged windows
             merged_scores = unit_scores[members].mean(1)
@@ -378,20 +511,9 @@ class MustDropPolicy(Policy):
                 kept = dual_filter(a, key, self.options["global_thr"], self.options["individual_thr"])
             else:
                 input_visual = int((ctx.input_layout.valid[b] & ctx.input_layout.visual[b]).sum())
-                target = sum(item_budget(ctx.keep, it.shape.n_content) for it in items)
-                counts, infeasible = mustdrop_schedule(
-                    target,
-                    input_visual,
-                    int(key_lm.numel()),
-                    self._prune,
-                    ctx.info.n_llm_layers,
-                    self.options["budget_count"],
-                )
-                if infeasible:
-                    ctx.note(
-                        f"mustdrop: keep={ctx.keep!r} is below what the key set allows ({key_lm.numel()} key tokens "
-                        f"of {input_visual}); every stage keeps only the key set (budget_infeasible)"
-                    )
+                sizes = [it.shape.n_content for it in items]
+                target = sum(item_budget(ctx.keep, n) for n in sizes)
+                counts = self._counts(target, input_visual, int(key_lm.numel()), ctx.info.n_llm_layers, ctx.keep, sizes)
                 kept = budget_filter(a, key, min(counts[index], visual.numel()), self.options["c_ratio"])
             out.append(Selection(visual[kept]))
         return out

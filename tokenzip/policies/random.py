@@ -8,15 +8,15 @@ layers >= `layer` once prefill is done.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget, one_stage_llm_count
+from ..budget import Keep, infeasible_budget, item_budget, one_stage_llm_count
 from ..contexts import DecodeContext, LLMStageContext, Plan, PreLLMItem, Selection, VisionStageContext
-from ..errors import BudgetError
-from .base import Policy
+from ..errors import PolicyOptionError
+from .base import Choice, Int, Option, Policy
 from .common import NEWLINE_MODES, generator, structural_to_keep
 from .nominal import Nominal, staged, structural
 from .registry import register
@@ -34,18 +34,33 @@ def random_subset(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 class RandomPolicy(Policy):
     name = "random"
     description = "Uniformly random tokens per image (seeded); any stage: pre_llm, vision, llm or decode."
-    defaults: ClassVar[dict[str, Any]] = {
-        "seed": 0,
-        "stage": "pre_llm",
-        "layer": None,
-        "newlines": "keep_nonempty_rows",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "seed": Int(0, ge=0, doc="base seed; each image / sample draws from (seed, its key)"),
+        "stage": Choice("pre_llm", STAGES, doc="where tokens are dropped"),
+        "layer": Int(
+            None,
+            ge=0,
+            none=True,
+            doc="vision layer (stage='vision'), decoder layer ('llm', >= 1) or first edited "
+            "KV layer ('decode'); None = 0 / 2 / 0; not used by 'pre_llm'",
+        ),
+        "newlines": Choice("keep_nonempty_rows", NEWLINE_MODES, doc="OneVision per-row newlines (stage='pre_llm')"),
     }
 
     def validate(self) -> None:
-        self._check_choice("stage", STAGES)
-        self._check_choice("newlines", NEWLINE_MODES)
-        self._check_int("seed")
-        self._check_int("layer", 0, allow_none=True)
+        stage, layer = self.options["stage"], self.options["layer"]
+        if stage == "pre_llm" and layer is not None:
+            raise PolicyOptionError(
+                f"random: layer={layer!r} is not used with stage='pre_llm'; leave layer=None or choose stage "
+                "'vision', 'llm' or 'decode'"
+            )
+        if stage == "llm" and layer == 0:
+            raise PolicyOptionError("random: stage='llm' needs layer >= 1 (decoder layer 0 sees every token)")
+        if stage != "pre_llm" and self.options["newlines"] != self.defaults["newlines"]:
+            raise PolicyOptionError(
+                f"random: newlines={self.options['newlines']!r} is only used with stage='pre_llm' (stage={stage!r} "
+                "keeps the structural tokens); drop the option"
+            )
 
     @property
     def layer(self) -> int | None:
@@ -102,13 +117,16 @@ class RandomPolicy(Policy):
         for b, target in enumerate(ctx.item_targets()):
             slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
             n = slots.numel()
+            if n == 0:  # a sample without visual tokens (e.g. no image in its prompt) passes through
+                out.append(Selection(slots))
+                continue
             r = one_stage_llm_count(target, n, ctx.layer, ctx.info.n_llm_layers)
             if r < 0.5:
-                raise BudgetError(
-                    f"random(stage='llm', layer={ctx.layer}): keep={ctx.keep!r} is below what pruning at layer "
-                    f"{ctx.layer} of {ctx.info.n_llm_layers} can reach for {n} visual tokens (the first "
-                    f"{ctx.layer} layers already average more); raise keep or lower layer"
-                )
+                n_layers = ctx.info.n_llm_layers
+                floor = (ctx.layer * n + (n_layers - ctx.layer)) / n_layers
+                reason = f"stage='llm' at layer {ctx.layer} of {n_layers}: layers before it see all {n}; lower layer"
+                sizes = [it.shape.n_content for it in ctx.items.per_sample[b]]
+                raise infeasible_budget("random", reason, ctx.keep, target, floor, sizes)
             out.append(self._sample_choice(slots, min(n, max(1, round(r))), ctx.sample_keys[b]))
         return out
 

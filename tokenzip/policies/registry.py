@@ -18,7 +18,12 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 def get_policy_class(name: str) -> type[Policy]:
     """The policy class registered as `name` (case-insensitive); `UnknownPolicyError` lists the known names."""
-    key = str(name).lower()
+    if not isinstance(name, str):
+        raise UnknownPolicyError(
+            f"a policy name must be a str, got {name!r} of type {type(name).__name__}; available policies: "
+            f"{', '.join(sorted(_REGISTRY))}"
+        )
+    key = name.lower()
     if key not in _REGISTRY:
         raise UnknownPolicyError(f"unknown policy {name!r}; available policies: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]

@@ -20,12 +20,23 @@ stage 1 on projector outputs instead (no CLS; an approximation, the projector be
 keeps original M-RoPE
 positions (a contextual token stands at its target's position); OneVision drops newline tokens at stage 1
 (a video's trailing newline is kept) and compacts positions.
+
+`score_dtype="float32"` (default) scores in float32; `"model"` reproduces the official numerics on fp16 / bf16
+models (attention logits, probabilities and head means rounded to the model dtype: the official LLM stages cast
+the float32 softmax back to fp16 before averaging; see `tokenzip.signals.attention`). Similarity metrics (head-mean
+keys) stay float32 in both modes. `compat="official"` sets include_cls=True and score_dtype="model",
+`compat="fixed"` include_cls=False and score_dtype="float32" (explicit options win; None = include_cls=True,
+score_dtype="float32"). Official quirks NOT reproduced under either mode, because each is a crash or a
+cache-inconsistent result rather than a scoring choice: decode positions shifted by the scheduled rather than the
+measured counts (identical whenever a stage keeps its scheduled count; otherwise the official positions disagree
+with the KV cache), the attention mask rebuilt at the original length (works only for an all-ones mask, fails
+otherwise), and the batch-size-1 / right-padding asserts. Merged values are differentiable (`tokenzip.ops.grad`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -33,8 +44,9 @@ from ..adapters.base import ModelInfo
 from ..budget import Keep, item_budget
 from ..contexts import LLMStageContext, Plan, PreLLMItem, ProjectorInputContext, Selection, VisionSignal
 from ..errors import PolicyOptionError
+from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Policy
+from .base import Choice, Float, Int, Option, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 
@@ -50,7 +62,16 @@ def merge_contextual(
     target); a contextual token's value is its target's value plus the mean of its members (target alone if
     it has none). Returns (representative indices [d + c'] = sorted dominant then targets, values [d + c', D]),
     plus with `with_groups` the merges [2, m]: (merged index, its target's index) for every joined token.
+    The output values are differentiable in `values` (autograd re-enabled inside a policy call); indices and
+    assignments come from `metric` without gradient.
     """
+    with differentiable_values():
+        return _merge_contextual(values, metric.detach(), dominant, contextual, with_groups)
+
+
+def _merge_contextual(
+    values: torch.Tensor, metric: torch.Tensor, dominant: torch.Tensor, contextual: int, with_groups: bool
+) -> tuple[torch.Tensor, ...]:
     n = values.shape[0]
     dominant = torch.sort(dominant.to(values.device)).values
     is_dom = torch.zeros(n, dtype=torch.bool, device=values.device)
@@ -134,33 +155,49 @@ def visiondrop_schedule(
 class VisionDropPolicy(Policy):
     name = "visiondrop"
     description = "VisionDrop: dominant selection + contextual merging on the vision output and at 3 LLM layers."
-    defaults: ClassVar[dict[str, Any]] = {
-        "encoder_factor": None,
-        "decay": None,
-        "ctx_div": 8,
-        "boundaries": None,
-        "include_cls": True,
-        "stage1_space": "pre_projector",
+    options_spec: ClassVar[dict[str, Option]] = {
+        "encoder_factor": Float(
+            None, gt=0, none=True, doc="stage-1 count E = factor x K (None: 1.5 for images, 3.0 for video)"
+        ),
+        "decay": Float(None, gt=0, le=1, none=True, doc="explicit per-stage decay (None: solved for the budget)"),
+        "ctx_div": Int(8, ge=1, doc="contextual tokens per stage = ceil(n / ctx_div)"),
+        "boundaries": Tuple(
+            None, Int(1, ge=1), length=3, increasing=True, none=True, doc="decoder layers of stages 2-4"
+        ),
+        "include_cls": Choice(
+            None, (None, True, False), doc="LLaVA-1.5 pre-projector stage 1: feed CLS to the LLM (None: from compat)"
+        ),
+        "stage1_space": Choice("pre_projector", ("pre_projector", "post_projector"), doc="LLaVA-1.5 stage 1"),
+        "score_dtype": Choice(
+            None, (None, "float32", "model"), doc="scoring numerics (None: from compat; 'float32' by default)"
+        ),
+        "compat": Choice(
+            None,
+            (None, "official", "fixed"),
+            doc="official: include_cls=True, score_dtype='model'; fixed: include_cls=False, score_dtype='float32'",
+        ),
     }
 
     def validate(self) -> None:
-        for name in ("encoder_factor", "decay"):
-            value = self.options[name]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
-                raise PolicyOptionError(f"visiondrop: {name} must be a positive number or None, got {value!r}")
-        if self.options["decay"] is not None and self.options["decay"] > 1:
-            raise PolicyOptionError("visiondrop: decay must lie in (0, 1]")
-        self._check_int("ctx_div", 1)
-        bounds = self.options["boundaries"]
-        if bounds is not None and (
-            len(bounds) != 3
-            or any(not isinstance(b, int) or isinstance(b, bool) for b in bounds)
-            or not 0 < bounds[0] < bounds[1] < bounds[2]
-        ):
-            raise PolicyOptionError(f"visiondrop: boundaries must be three increasing layer indices, got {bounds!r}")
-        if not isinstance(self.options["include_cls"], bool):
-            raise PolicyOptionError("visiondrop: include_cls must be True or False")
-        self._check_choice("stage1_space", ("pre_projector", "post_projector"))
+        if self.options["include_cls"] is not None and self.options["stage1_space"] == "post_projector":
+            raise PolicyOptionError(
+                "visiondrop: include_cls applies only to stage1_space='pre_projector' (the CLIP-space stage 1 of "
+                "LLaVA-1.5); post-projector stage 1 has no CLS token"
+            )
+
+    @property
+    def _include_cls(self) -> bool:
+        """CLS enters the LLM (LLaVA-1.5 pre-projector stage 1): the option, else per compat (default True)."""
+        if self.options["include_cls"] is not None:
+            return self.options["include_cls"]
+        return self.options["compat"] != "fixed"
+
+    @property
+    def score_dtype(self) -> str:
+        """The scoring numerics: the `score_dtype` option, else per `compat` ("model" under "official")."""
+        if self.options["score_dtype"] is not None:
+            return self.options["score_dtype"]
+        return "model" if self.options["compat"] == "official" else "float32"
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         self._info = info
@@ -170,12 +207,16 @@ class VisionDropPolicy(Policy):
         self._bounds = bounds
         if info.family == "llava":
             layer = info.vision_feature_layer
-            self._score = VisionSignal("cls", layer)
+            self._score = VisionSignal("cls", layer, self.score_dtype)
             self._metric = VisionSignal("keys", layer)
             stage1 = {"projector_input": True} if self._pre_projector else {"pre_llm": True}
             return Plan(llm_layers=bounds, vision_signals=(self._score, self._metric), **stage1)
+        if self.options["include_cls"] is not None:
+            raise PolicyOptionError(
+                f"visiondrop: include_cls applies only to LLaVA-1.5 (CLIP with CLS); {info.family} has no CLS token"
+            )
         layer = info.n_vision_layers - 1 if info.family == "qwen2_5_vl" else info.vision_feature_layer
-        self._score = VisionSignal("received", layer)
+        self._score = VisionSignal("received", layer, self.score_dtype)
         self._metric = VisionSignal("keys", layer)
         return Plan(pre_llm=True, llm_layers=bounds, vision_signals=(self._score, self._metric))
 
@@ -183,7 +224,7 @@ class VisionDropPolicy(Policy):
         """Exact stage counts; LLaVA's stage 1 includes CLS; a video's trailing newline stays."""
         self.plan(info, keep)
         video = shape.modality == "video"
-        n_stage1 = shape.n_content + int(self._pre_projector and self.options["include_cls"])
+        n_stage1 = shape.n_content + int(self._pre_projector and self._include_cls)
         counts = self._counts(keep, shape.n_content, n_stage1, video)
         return Nominal(staged(counts[0], counts[1:], self._bounds, info.n_llm_layers, shape.trailing))
 
@@ -203,8 +244,9 @@ class VisionDropPolicy(Policy):
         )
 
     # ---------------------------------------------------------------------------------- stage 1, LLaVA-1.5
+    @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_projector_input(self, ctx: ProjectorInputContext) -> list[Selection]:
-        include_cls = self.options["include_cls"]
+        include_cls = self._include_cls
         n_patches = ctx.n_patches
         out = []
         for r in range(ctx.hidden.shape[0]):
@@ -224,6 +266,7 @@ class VisionDropPolicy(Policy):
         return out
 
     # ---------------------------------------------------------------------------------- stage 1, others
+    @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         shape = ctx.item.shape
         content = ctx.content_available
@@ -241,25 +284,28 @@ class VisionDropPolicy(Policy):
         return Selection(torch.cat([keep, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True, groups=merges)
 
     # ---------------------------------------------------------------------------------- LLM stages
+    @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
         stage = self._bounds.index(ctx.layer) + 1
         layout = ctx.layout
         hidden = ctx.hidden_states
-        keys = ctx.head_mean_keys()
+        with torch.no_grad():
+            keys = ctx.head_mean_keys()
         n_items = max((len(items) for items in ctx.items.per_sample), default=0)
         per_sample: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layout.batch)]
         for j in range(n_items):
             query = layout.valid & layout.visual & (layout.item == j)
             if not bool(query.any()):
                 continue
-            received = ctx.attention_received(query)
+            with torch.no_grad():
+                received = ctx.attention_received(query, self.score_dtype)
             for b, items in enumerate(ctx.items.per_sample):
                 if j >= len(items):
                     continue
                 slots = query[b].nonzero().flatten()
                 item = items[j]
                 video = item.modality == "video"
-                n_stage1 = item.shape.n_content + int(self._pre_projector and self.options["include_cls"])
+                n_stage1 = item.shape.n_content + int(self._pre_projector and self._include_cls)
                 count = self._counts(ctx.keep, item.shape.n_content, n_stage1, video)[stage]
                 if slots.numel() <= count:
                     per_sample[b].append((slots, hidden[b, slots]))

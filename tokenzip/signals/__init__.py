@@ -11,6 +11,7 @@ from .attention import (
     qwen_vision_attention_received,
     qwen_vision_head_mean_keys,
 )
+from .checks import require_finite
 
 __all__ = [
     "as_keep_mask",
@@ -22,4 +23,5 @@ __all__ = [
     "encoder_head_mean_keys",
     "qwen_vision_attention_received",
     "qwen_vision_head_mean_keys",
+    "require_finite",
 ]

@@ -3,9 +3,18 @@
 Models run with sdpa / FlashAttention return no attention weights. Policies need only a few rows of them
 (the CLS row, the last text token's row) or per-key means over queries, so these functions recompute
 exactly those from the captured (normed) input of the attention module, calling the module's own
-projections (never reading `.weight`, which is on the meta device under accelerate offload). Softmax and
-averaging run in float32. All results are head-averaged post-softmax probabilities, the quantity eager
-attention would return, restricted to what was asked for.
+projections (never reading `.weight`, which is on the meta device under accelerate offload). All results are
+head-averaged post-softmax probabilities, the quantity eager attention would return, restricted to what was asked
+for.
+
+`score_dtype` (the policies' option of that name): "float32" (default) takes the logits to float32 and runs
+softmax and every average in float32. "model" reproduces the numerics of the official code, which scores in the
+model's dtype (fp16 / bf16 eager attention): logits rounded to the model dtype, softmax computed in float32 and
+rounded to the model dtype (as eager attention returns its weights; a native half-precision softmax differs by at
+most one unit in the last place), the mean over heads rounded to the model dtype, the mean over queries
+accumulated in float32 and rounded to the model dtype once. Such scores are returned as float32 tensors holding
+model-dtype values, so the exact ties that half-precision averaging creates (and the official top-k meets)
+survive. For a float32 model both modes agree.
 
 Masks: `keep` masks here are bool, True = may attend, broadcastable to [B, 1, Q, K]; `as_keep_mask`
 converts the formats transformers passes to layers (None, bool 4-D for sdpa, additive float 4-D for
@@ -41,10 +50,40 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return (x * cos) + (_rotate_half(x) * sin)
 
 
-def _softmax_mean_heads(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim in float32, then mean over heads (dim 1). Rows that are fully masked give 0."""
-    probs = torch.softmax(scores.float(), dim=-1)
-    return torch.nan_to_num(probs, nan=0.0).mean(1)
+SCORE_DTYPES = ("float32", "model")
+
+
+def check_score_dtype(score_dtype: str) -> None:
+    """ValueError unless `score_dtype` is one of SCORE_DTYPES."""
+    if score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype={score_dtype!r}; choose one of {list(SCORE_DTYPES)}")
+
+
+def _round(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """float32 `x` rounded to `dtype` (None: unchanged), returned as float32."""
+    return x if dtype is None else x.to(dtype).float()
+
+
+def _model_dtype(x: torch.Tensor, score_dtype: str) -> torch.dtype | None:
+    """The dtype scores are rounded to: None for "float32" (and for any model in float32 or wider)."""
+    check_score_dtype(score_dtype)
+    if score_dtype == "float32" or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return x.dtype
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float, dtype: torch.dtype | None) -> torch.Tensor:
+    """q k^T * scale as float32 [.., R, K]; with a model `dtype` computed and rounded in that dtype."""
+    if dtype is None:
+        return (q @ k.transpose(-1, -2)).float() * scale
+    return ((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale).float()
+
+
+def _softmax_mean_heads(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """softmax over the last dim in float32, then mean over heads (dim 1). Rows that are fully masked give 0.
+    With a model `dtype` the probabilities and the head mean are rounded to it (see the module docstring)."""
+    probs = _round(torch.nan_to_num(torch.softmax(scores.float(), dim=-1), nan=0.0), dtype)
+    return _round(probs.mean(1), dtype)
 
 
 def _project(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -73,18 +112,20 @@ def encoder_attention_rows(
     hidden_states: torch.Tensor,
     rows: torch.Tensor | slice,
     attention_mask: torch.Tensor | None = None,
+    score_dtype: str = "float32",
 ) -> torch.Tensor:
     """Head-mean attention probabilities of the query `rows` of a CLIP / SigLIP layer.
 
     hidden_states: the attention module's input (after `layer_norm1`), [B, N, D].
-    Returns float32 [B, R, N]. For the CLS row of CLIP use rows=slice(0, 1).
+    Returns float32 [B, R, N]. For the CLS row of CLIP use rows=slice(0, 1). `score_dtype`: see the module.
     """
+    dtype = _model_dtype(hidden_states, score_dtype)
     q, k = encoder_qk(attn, hidden_states, rows)
-    scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+    scores = _logits(q, k, attn.scale, dtype)
     keep = as_keep_mask(attention_mask, hidden_states.shape[1], hidden_states.shape[1])
     if keep is not None:
         scores = scores.masked_fill(~keep[:, :, rows], float("-inf"))
-    return _softmax_mean_heads(scores)
+    return _softmax_mean_heads(scores, dtype)
 
 
 def encoder_attention_received(
@@ -92,14 +133,16 @@ def encoder_attention_received(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     chunk: int = 256,
+    score_dtype: str = "float32",
 ) -> torch.Tensor:
     """Mean attention each key receives, over heads and over all real queries, of a CLIP / SigLIP layer.
 
     `attention_mask` may mark padding keys (as tokenzip's vision stage does); padding tokens then neither count
     as queries nor receive attention. Queries are processed in chunks of `chunk` rows, so memory stays
-    O(chunk * N * H).
+    O(chunk * N * H). `score_dtype`: see the module.
     hidden_states: [B, N, D]. Returns float32 [B, N].
     """
+    dtype = _model_dtype(hidden_states, score_dtype)
     b, n, _ = hidden_states.shape
     keep = as_keep_mask(attention_mask, n, n)
     # a token is real iff every query may attend to it (bidirectional encoder; padding is a key mask)
@@ -113,13 +156,13 @@ def encoder_attention_received(
             .view(b, rows.stop - start, attn.num_heads, attn.head_dim)
             .transpose(1, 2)
         )
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+        scores = _logits(q, k, attn.scale, dtype)
         if keep is not None:
             scores = scores.masked_fill(~keep[:, :, rows], float("-inf"))
-        probs = _softmax_mean_heads(scores)  # [B, R, N]
+        probs = _softmax_mean_heads(scores, dtype)  # [B, R, N]
         total += (probs * real[:, rows, None]).sum(1)
     n_queries = real.sum(1, keepdim=True)
-    return total / n_queries.clamp_min(1.0)
+    return _round(total / n_queries.clamp_min(1.0), dtype)
 
 
 def encoder_head_mean_keys(attn: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -154,12 +197,16 @@ def qwen_vision_attention_received(
     cu_seqlens: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     chunk: int = 256,
+    score_dtype: str = "float32",
 ) -> torch.Tensor:
     """Mean attention each token receives inside its own `cu_seqlens` segment (window or image slice).
 
     Exactly what the block computes: attention never crosses segment boundaries. Tokens are in the vision
-    tower's window-permuted order. hidden_states: [N, D] (after `norm1`); returns float32 [N].
+    tower's window-permuted order. hidden_states: [N, D] (after `norm1`); returns float32 [N]. `score_dtype`:
+    see the module ("model": the post-RoPE q / k rounded to the model dtype, as the block feeds them to its
+    attention kernel).
     """
+    dtype = _model_dtype(hidden_states, score_dtype)
     q, k = qwen_vision_qk(attn, hidden_states, position_embeddings)
     out = torch.zeros(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
     bounds = cu_seqlens.tolist()
@@ -170,9 +217,9 @@ def qwen_vision_attention_received(
         acc = torch.zeros(e - s, dtype=torch.float32, device=hidden_states.device)
         for start in range(s, e, chunk):
             stop = min(e, start + chunk)
-            scores = (q[:, start:stop] @ ks.transpose(-1, -2)) * attn.scaling
-            acc += torch.softmax(scores, -1).mean(0).sum(0)
-        out[s:e] = acc / (e - s)
+            scores = _logits(q[:, start:stop], ks, attn.scaling, dtype)
+            acc += _softmax_mean_heads(scores[None], dtype)[0].sum(0)
+        out[s:e] = _round(acc / (e - s), dtype)
     return out
 
 
@@ -240,14 +287,16 @@ def decoder_attention_rows(
     attention_mask: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     chunk: int = 256,
+    score_dtype: str = "float32",
 ) -> torch.Tensor:
     """Head-mean attention probabilities of query `rows` of a decoder layer during prefill.
 
     hidden_states: the attention module's input (after `input_layernorm`), [B, L, D]; rows: LongTensor [R]
     (negative values count from the end, e.g. tensor([-1]) = the last token, FastV). The causal mask is by
     sequence index; `attention_mask` adds padding (any transformers format). Rows are processed in chunks of
-    `chunk`, so peak memory is O(chunk * L * H). Returns float32 [B, R, L].
+    `chunk`, so peak memory is O(chunk * L * H). Returns float32 [B, R, L]. `score_dtype`: see the module.
     """
+    dtype = _model_dtype(hidden_states, score_dtype)
     n = hidden_states.shape[1]
     rows = torch.as_tensor(rows, device=hidden_states.device).long() % n
     if keys is None:
@@ -256,9 +305,9 @@ def decoder_attention_rows(
     for start in range(0, rows.numel(), chunk):
         part = rows[start : start + chunk]
         q, k = decoder_qk(attn, hidden_states, position_embeddings, part, keys)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = _logits(q, k, attn.scaling, dtype)
         scores = scores.masked_fill(~_decoder_keep(attention_mask, part, n, scores.device), float("-inf"))
-        out.append(_softmax_mean_heads(scores))
+        out.append(_softmax_mean_heads(scores, dtype))
     if not out:
         return torch.zeros(hidden_states.shape[0], 0, n, device=hidden_states.device)
     return torch.cat(out, 1)
@@ -271,13 +320,17 @@ def decoder_attention_received(
     query_mask: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     chunk: int = 256,
+    score_dtype: str = "float32",
 ) -> torch.Tensor:
     """Mean attention each key receives from the queries selected by `query_mask`, over heads, in prefill.
 
     query_mask: BoolTensor [B, L] (e.g. the visual tokens of each sample). Queries are processed in chunks of
     `chunk` rows; causal by sequence index plus `attention_mask` padding. Returns float32 [B, L] (the mean over
-    each sample's selected queries; 0 for keys no selected query can see).
+    each sample's selected queries; 0 for keys no selected query can see). `score_dtype`: see the module
+    ("model" = the eager decoder's float32 softmax cast back to fp16 / bf16 before the averages, as the official
+    VisionDrop scores).
     """
+    dtype = _model_dtype(hidden_states, score_dtype)
     b, n, _ = hidden_states.shape
     _, k = decoder_qk(attn, hidden_states, position_embeddings, torch.zeros(0, dtype=torch.long), None)
     total = torch.zeros(b, n, dtype=torch.float32, device=hidden_states.device)
@@ -287,8 +340,8 @@ def decoder_attention_received(
         if not bool(sel.any()):
             continue
         q, _ = decoder_qk(attn, hidden_states, position_embeddings, rows, keys=k)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = _logits(q, k, attn.scaling, dtype)
         scores = scores.masked_fill(~_decoder_keep(attention_mask, rows, n, scores.device), float("-inf"))
-        probs = _softmax_mean_heads(scores)  # [B, R, L]
+        probs = _softmax_mean_heads(scores, dtype)  # [B, R, L]
         total += (probs * sel[..., None]).sum(1)
-    return total / query_mask.float().sum(1, keepdim=True).clamp_min(1.0)
+    return _round(total / query_mask.float().sum(1, keepdim=True).clamp_min(1.0), dtype)

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from ..evaluation.scoring import answer_word, is_correct
 from ..frames import processor_inputs
 from .architectures import RENDER_SIDE
 from .conversations import messages
@@ -14,10 +15,10 @@ from .dataset import VIDEO_FRAMES, VIDEO_TEST, sample, video_sample
 
 @torch.no_grad()
 def generate_answers(model, processor, inputs: dict, max_new_tokens: int = 2) -> list[str]:
-    """Greedy answers (first word, lower case) of a left-padded batch of model inputs."""
+    """Greedy answers (`tokenzip.evaluation.scoring.answer_word`) of a left-padded batch of model inputs."""
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [(t.split() or [""])[0].lower() for t in texts]
+    return [answer_word(t) for t in texts]
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ def _scored(item, answer, n: int, batch_size: int, record: list[str] | None) -> 
         if record is not None:
             record.extend(got)
         for x, a in zip(batch, got):
-            hits[x.question.category].append(a == x.question.answer)
+            hits[x.question.category].append(is_correct(a, x.question.answer))
     report = {cat: sum(v) / len(v) for cat, v in sorted(hits.items())}
     report["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return report
