@@ -211,7 +211,7 @@ class TokenzipLMMS(lmms):
                 s = record.samples[b]
                 row.update(
                     visual_in=s.visual_in,
-                    visual_llm_input=sum(item.kept for item in s.items),
+                    visual_llm_input=s.visual_llm_input,  # real kept tokens plus zero rows, as bench counts
                     visual_layer_mean=s.visual_mean,
                     visual_budget=check_sample(self.keep, s).budget,  # layer-average budget (tokenzip.bench.checks)
                     visual_items=len(s.items),
