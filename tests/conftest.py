@@ -29,6 +29,21 @@ POLICY_CASES = {
 }
 
 
+def oracle_truth(policy: str, items_per_sample: list[int]):
+    """A `ground_truth` block for the `oracle` policy (which reads the synthetic generator's ground truth): one
+    [1, 240, 240] raster per image item, covering a box in its upper-left quarter; a no-op block for any other
+    policy. Lets tests that run every registered policy on arbitrary images run the oracle too."""
+    import contextlib
+
+    from tokenzip.policies.oracle import ground_truth
+
+    if policy != "oracle":
+        return contextlib.nullcontext()
+    raster = torch.zeros(1, 240, 240)
+    raster[:, 30:100, 20:110] = 1
+    return ground_truth([[raster] * n for n in items_per_sample])
+
+
 def forward_with_hooks(model, inputs: dict, handles: list, **kwargs):
     """`model(**inputs, **kwargs)` without gradients; the test's hook `handles` are removed afterwards (also on
     error), so a failing assertion never leaves hooks on the shared tiny models."""

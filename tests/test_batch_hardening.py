@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+from conftest import oracle_truth
 
 import tokenzip
 from tokenzip.testing.tiny import TinyVLM, dummy_image, tiny
@@ -44,7 +45,7 @@ def _kept(record, b: int) -> list:
 
 
 def _run(model, inputs: dict, patch) -> tuple[torch.Tensor, object]:
-    with torch.no_grad():
+    with torch.no_grad(), oracle_truth(patch.policy.name, [1] * inputs["input_ids"].shape[0]):  # one image each
         logits = model(**inputs).logits
     return logits, patch.stats.last
 

@@ -1,11 +1,11 @@
 """The budget rule: every policy meets the layer-averaged budget within one token per item, or refuses.
 
-For each of the ten registered policies, on tiny models of the three families with 8 and 32 decoder layers, with 1
-and with 16 images per prompt, at keep 0.111 / 0.222 / 0.333 and an int keep: the measured layer-averaged visual
-tokens of each sample (`SampleRecord.visual_mean`) equal the sum of `item_budget` over its items within one token
-per item, or `BudgetError` names a reachable keep -- and that keep then runs on budget. (`none` is asked to keep
-everything: its budget is every token.) Plus the pieces: `item_budget` refuses an int keep above an item's token
-count, `smallest_keep`, ATP's schedule and HoliTom's inner count.
+For each registered policy (the oracle reads a box as its ground truth, `conftest.oracle_truth`), on tiny models of the
+three families with 8 and 32 decoder layers, with 1 and with 16 images per prompt, at keep 0.111 / 0.222 / 0.333 and an
+int keep: the measured layer-averaged visual tokens of each sample (`SampleRecord.visual_mean`) equal the sum of
+`item_budget` over its items within one token per item, or `BudgetError` names a reachable keep -- and that keep then
+runs on budget. (`none` is asked to keep everything: its budget is every token.) Plus the pieces: `item_budget` refuses
+an int keep above an item's token count, `smallest_keep`, ATP's schedule and HoliTom's inner count.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 
 import pytest
 import torch
+from conftest import oracle_truth
 
 import tokenzip
 from tokenzip.adapters.base import ModelInfo
@@ -47,7 +48,8 @@ def prompt(family: str, depth: int, images: int) -> dict:
 
 
 def prefill(vlm, inputs: dict, policy: str, keep):
-    with torch.no_grad(), tokenzip.apply(vlm.model, policy, keep) as patch:
+    n_images = len(inputs.get("image_grid_thw", inputs.get("image_sizes", inputs["pixel_values"])))  # batch of one
+    with torch.no_grad(), tokenzip.apply(vlm.model, policy, keep) as patch, oracle_truth(policy, [n_images]):
         vlm.model(**inputs)
         return patch.stats.last
 

@@ -144,8 +144,9 @@ def test_lmms_eval_cli_end_to_end(checkpoint, tmp_path):
 
 
 def test_eval_grid_rows_and_cli(checkpoint, tmp_path):
-    """`tokenzip eval`: unpatched row first (retention 1, agreement 1), pruned rows carry their budgets, a keep a
-    policy cannot reach on this 8-layer LLM becomes a row with a note instead of an abort."""
+    """`tokenzip eval`: unpatched row first (retention 1, agreement 1), then the oracle reference at every keep,
+    pruned rows carry their budgets and their gap to the oracle at their keep, a keep a policy cannot reach on this
+    8-layer LLM becomes a row with a note instead of an abort."""
     import math
 
     from typer.testing import CliRunner
@@ -155,9 +156,14 @@ def test_eval_grid_rows_and_cli(checkpoint, tmp_path):
 
     rows = run_grid(pretrained=checkpoint, policies=["pool", "fastv"], keeps=[0.111, 0.3], limit=6, batch_size=3)
     assert [(r.policy, r.keep) for r in rows] == [
-        ("none", 1.0), ("pool", 0.111), ("pool", 0.3), ("fastv", 0.111), ("fastv", 0.3),
+        ("none", 1.0), ("oracle", 0.111), ("oracle", 0.3), ("pool", 0.111), ("pool", 0.3), ("fastv", 0.111),
+        ("fastv", 0.3),
     ]  # fmt: skip
-    none, pool_111, pool_30, fastv_111, fastv_30 = rows
+    none, oracle_111, oracle_30, pool_111, pool_30, fastv_111, fastv_30 = rows
+    assert [r.reference for r in rows] == [False, True, True, False, False, False, False]
+    assert oracle_111.samples == 6 and oracle_111.visual_llm_input <= 16 and oracle_30.visual_llm_input <= 43
+    assert pool_30.oracle_gap == pytest.approx(100 * (oracle_30.accuracy - pool_30.accuracy))
+    assert math.isnan(fastv_111.oracle_gap)
     # retention = accuracy / unpruned accuracy (undefined for this untrained model, whose accuracy is 0)
     assert none.retention == 1.0 if none.accuracy else math.isnan(none.retention)
     assert none.agreement == 1.0 and none.flops_ratio == 1.0
@@ -180,8 +186,9 @@ def test_eval_grid_rows_and_cli(checkpoint, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     table = (out / "eval.md").read_text().splitlines()
-    assert sum(line.startswith("| none") or line.startswith("| pool") for line in table) == 2
-    assert len(json.loads((out / "eval.json").read_text())) == 2
+    assert sum(line.startswith("| none") or line.startswith("| pool") for line in table) == 3  # pool: gap table too
+    assert sum(line.startswith("| oracle (reference)") for line in table) == 1
+    assert len(json.loads((out / "eval.json").read_text())) == 3
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from tokenzip.errors import PolicyOptionError, UnknownPolicyError
 from tokenzip.policies.base import Bool, Choice, Float, Int, Option, Policy, Tuple
 from tokenzip.policies.registry import get_policy_class
 
-POLICIES = ("atp", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "pool", "random", "visiondrop")
+POLICIES = (
+    "atp", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random", "visiondrop",
+)  # fmt: skip
 
 
 class _NotAChoice:

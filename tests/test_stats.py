@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import oracle_truth
 
 import tokenzip
 from tokenzip.budget import item_budget
@@ -32,7 +33,7 @@ def llava8():
 
 
 def _record(vlm, inputs, policy, keep) -> ForwardRecord:
-    with tokenzip.apply(vlm.model, policy, keep) as patch, torch.no_grad():
+    with tokenzip.apply(vlm.model, policy, keep) as patch, torch.no_grad(), oracle_truth(policy, [1]):
         vlm.model.generate(**inputs, max_new_tokens=1, do_sample=False)
     return patch.stats.last
 

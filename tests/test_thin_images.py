@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from conftest import oracle_truth
 
 import tokenzip
 from tokenzip.budget import item_budget
@@ -55,7 +56,7 @@ def test_pool_meets_the_budget_on_thin_images(family, size):
 def test_every_policy_runs_on_onevision_thin_images(policy, size):
     vlm = _model("llava_onevision")
     inputs = vlm.inputs([dummy_image(*size)], vlm.prompt())
-    with torch.no_grad(), tokenzip.apply(vlm.model, policy, 0.5) as patch:
+    with torch.no_grad(), tokenzip.apply(vlm.model, policy, 0.5) as patch, oracle_truth(policy, [1]):
         logits = vlm.model(**inputs).logits
     assert torch.isfinite(logits).all()
     sample = patch.stats.last.samples[0]

@@ -62,13 +62,14 @@ def test_training_batch_labels_exactly_the_answers(family):
     for b, i in enumerate([0, 1]):
         labels = batch["labels"][b]
         words = tok.convert_ids_to_tokens(labels[labels != -100].tolist())
-        own = sample("train", i).question
+        own = sample("train", i, version=cfg.data_version).question
         assert words[:2] == [own.answer, end]  # the sample's own question comes first
         assert words[1::2] == [end] * (len(words) // 2)
         assert len(words) // 2 >= 2
     assert ASSISTANT_MARKER[family] in tok.get_vocab()
     # the first turn is the evaluation prompt, verbatim
-    prompt = processor.apply_chat_template(messages([sample("train", 0).question])[:1], add_generation_prompt=True)
+    first = sample("train", 0, version=cfg.data_version).question
+    prompt = processor.apply_chat_template(messages([first])[:1], add_generation_prompt=True)
     ids = tok(prompt)["input_ids"]
     full = batch["input_ids"][0][batch["input_ids"][0] != processor.tokenizer.pad_token_id].tolist()
     image_id = tok.convert_tokens_to_ids("<image>" if family != "qwen2_5_vl" else "<|image_pad|>")

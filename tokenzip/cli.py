@@ -337,9 +337,9 @@ def bench_command(
     Times come with their spread; the first row (none, keep 1.0) is the timing control and the header quotes it;
     rows off their layer-averaged budget and a control whose runs disagree beyond their noise are flagged.
 
-    With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy at keep 0.111 / 0.222 /
-    0.333 plus the unpruned reference, and writes results.json, results.csv, results.md, quality_vs_flops.png and
-    ttft_vs_keep.png into ./bench-results.
+    With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy but `oracle` (it needs the
+    synthetic ground truth) at keep 0.111 / 0.222 / 0.333 plus the unpruned reference, and writes results.json,
+    results.csv, results.md, quality_vs_flops.png and ttft_vs_keep.png into ./bench-results.
     """
     import shlex
     import sys
@@ -350,7 +350,8 @@ def bench_command(
     from .policies import list_policies
 
     known = list(list_policies())
-    names = [p for p in known if p != "none"] if policies == "all" else [p.strip() for p in policies.split(",")]
+    deployable = [p for p in known if p not in ("none", "oracle")]  # oracle needs ground truth: `tokenzip eval`
+    names = deployable if policies == "all" else [p.strip() for p in policies.split(",")]
     unknown = [p for p in names if p not in known]
     if unknown:
         raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(known)}")
@@ -513,7 +514,11 @@ def eval_command(
     model: str = typer.Option(
         "synth-llava", help="bundled trained model (synth-llava, ...), hub id or checkpoint directory"
     ),
-    task: str = typer.Option("tokenzip_synth", help="lmms-eval task (tokenzip's local tasks are included)"),
+    task: str = typer.Option(
+        "",
+        help="lmms-eval task (tokenzip's local tasks are included; default: tokenzip_synth, or tokenzip_synth_v2 for "
+        "a bundled model trained on v2 data)",
+    ),
     policies: str = typer.Option("all", help="comma-separated policy names, or 'all'"),
     keeps: str = typer.Option(DEFAULT_KEEPS, help="comma-separated keeps (fractions or int tokens per image)"),
     option: list[str] = typer.Option([], "--option", "-o", help="policy option policy.key=value (repeatable)"),
@@ -522,9 +527,11 @@ def eval_command(
     device: str = typer.Option("", help="cpu, cuda or cuda:N (default: cuda when available)"),
     attn: str = typer.Option("sdpa", help="sdpa, flash_attention_2 or eager"),
     out: Path = typer.Option(Path("eval-results"), "--out", help="folder for eval.json and eval.md"),
+    oracle: bool = typer.Option(True, help="also run the oracle reference selection at every keep"),
 ) -> None:
-    """Score a policy x keep grid with lmms-eval and print one table: accuracy, retention vs. unpruned, agreement
-    with the unpruned model, visual tokens, FLOPs ratio (default: the bundled synth-llava on tokenzip_synth,
+    """Score a policy x keep grid with lmms-eval and print one table: accuracy, retention vs. unpruned, gap to the
+    oracle reference selection at the same keep (overall and per category), agreement with the unpruned model,
+    visual tokens, FLOPs ratio (default: the bundled synth-llava on the synthetic task of its training data,
     offline). Needs lmms-eval (`pip install "tokenzip[eval]"`)."""
     from .errors import TokenzipError
     from .policies import list_policies
@@ -533,16 +540,25 @@ def eval_command(
         import lmms_eval  # noqa: F401
     except ImportError as err:
         raise typer.BadParameter('tokenzip eval needs lmms-eval: pip install "tokenzip[eval]"') from err
-    from .evaluation.grid import COLUMNS, cells, run_grid
+    from .evaluation.grid import COLUMNS, ORACLE, cells, default_task, run_grid, task_mismatch
 
+    try:
+        mismatch = task_mismatch(model, task) if task else None
+        task = task or default_task(model)
+    except TokenzipError as err:
+        raise typer.BadParameter(str(err)) from err
+    if mismatch:
+        console.print(f"[yellow]warning:[/yellow] {mismatch}", highlight=False)
     known = list(list_policies())
-    names = [p for p in known if p != "none"] if policies == "all" else [p.strip() for p in policies.split(",")]
+    everything = [p for p in known if p not in ("none", ORACLE)]  # the oracle reference runs by --oracle
+    names = everything if policies == "all" else [p.strip() for p in policies.split(",")]
     unknown = [p for p in names if p not in known]
     if unknown:
         raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(known)}")
     keep_values = [parse_keep(k.strip()) for k in keeps.split(",") if k.strip()]
 
-    total = 1 + len([p for p in names if p != "none"]) * len(keep_values)
+    runs_oracle = oracle or ORACLE in names
+    total = 1 + (len([p for p in names if p not in ("none", ORACLE)]) + runs_oracle) * len(keep_values)
     progress = RunProgress(total, f"tokenzip eval {model} on {task}")
 
     def on_row(row) -> None:
@@ -562,6 +578,7 @@ def eval_command(
                 device=device or None,
                 policy_options=parse_policy_options(option),
                 on_row=on_row,
+                oracle=oracle,
             )
     except (FileNotFoundError, TokenzipError, ValueError) as err:  # e.g. the bundled model is not installed
         raise typer.BadParameter(str(err)) from err
@@ -579,12 +596,13 @@ def _print_eval(rows, model: str, task: str, out: Path) -> None:
     table = Table(
         title=f"{model} on {task}",
         caption="budget: layer-averaged visual tokens keep allows per sample; OFF BUDGET: samples whose layer average "
-        "is more than one token per item away from it.",
+        "is more than one token per item away from it. oracle (reference): ground-truth selection, not deployable; "
+        "gap to oracle: its accuracy minus the row's at the same keep, in points.",
     )
     for _, label, _ in COLUMNS:
         table.add_column(label, justify="left" if label in ("policy", "note") else "right")
     for row in rows:
-        table.add_row(*cells(row), style="red" if row.off_budget else None)
+        table.add_row(*cells(row), style="red" if row.off_budget else "italic cyan" if row.reference else None)
     wide = console if console.is_terminal else Console(width=200)
     wide.print(table)
     command = "tokenzip " + " ".join(shlex.quote(a) for a in sys.argv[1:])

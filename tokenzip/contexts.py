@@ -184,6 +184,7 @@ class PreLLMItem:
     keep: Keep
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     before: torch.Tensor | None = None  # [D] embedding of the token just before the item's run, if any
+    batch: ItemsOfBatch | None = None  # every item of the forward call, per sample (the oracle checks its truth)
 
     @property
     def content_available(self) -> torch.Tensor:

@@ -69,6 +69,11 @@ class BenchSettings:
                 f"{self.decode_tokens})"
             )
         self.keeps = [validate_keep(k) for k in self.keeps]
+        if any(str(p).lower() == "oracle" for p in self.policies):
+            raise ValueError(
+                "policy 'oracle' cannot be benchmarked: it reads the synthetic generator's ground truth, which the "
+                "bench inputs do not have; score it with `tokenzip eval` on tokenzip's synthetic tasks"
+            )
 
 
 @dataclass

@@ -889,6 +889,7 @@ class Runtime:
                         self.keep,
                         signals.get((it.modality, it.index_in_modality), {}),
                         embeds[b, it.start - 1] if it.start > 0 else None,
+                        batch=st.items,
                     )
                     what = f"features of sample {b}'s {it.modality} {it.index_in_sample}"
                     require_finite(ctx.embeds, self.policy.name, "the pre_llm stage", what)

@@ -4,7 +4,8 @@
   `tokenzip_llava_onevision` (see pyproject.toml).
 * `lmms_model`: the lmms-eval model class (batched greedy generation under a tokenzip patch, per-sample visual
   token counts and FLOPs, answers of the unpatched model for the agreement metric).
-* `tasks/`: the local tasks `tokenzip_synth` (images) for `--include_path` (`tasks_path()`).
+* `tasks/`: the local tasks `tokenzip_synth` (images), `tokenzip_synth_video` and their dataset-v2 twins
+  `tokenzip_synth_v2`, `tokenzip_synth_v2_video` for `--include_path` (`tasks_path()`).
 * `grid`: `tokenzip eval`, a policy x keep grid through lmms-eval in one process.
 
 Importing this package does not import lmms-eval.

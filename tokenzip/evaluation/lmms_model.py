@@ -9,13 +9,15 @@
 (default when the task sets none), `agreement` (`auto`: on for the bundled tiny models; also generate with the
 unpatched model and record its answers for the tasks' agreement metric), `stats_path` (where to write
 `tokenzip_stats.jsonl`; default: lmms-eval's `--output_path` when given on the command line), and any policy option
-(`alpha=0.1`, `compat=official`, ...).
+(`alpha=0.1`, `compat=official`, ...). `policy=oracle` (the non-deployable reference selection) runs on
+tokenzip's synthetic tasks only: it reads each document's ground truth (`tokenzip.synthetic.truth.doc_truth`).
 
 Batches are left-padded; tokenzip's hooks make a batch of N give the same answers as N batches of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +34,8 @@ from ..assets import FAMILY_OF
 from ..bench.checks import check_sample
 from ..flops import sample_flops
 from ..loading import load_vlm, model_family
+from ..policies.oracle import ground_truth
+from ..synthetic.truth import doc_truth
 from . import reference
 from .media import build_inputs, visual_kind
 
@@ -186,7 +190,7 @@ class TokenzipLMMS(lmms):
         if self.agreement:
             unpatched, _, _ = self._run("none", 1.0, {}, inputs, generation, until, prompt_lengths)
         answers, record, seconds = self._run(
-            self.policy, self.keep, self.policy_options, inputs, generation, until, prompt_lengths
+            self.policy, self.keep, self.policy_options, inputs, generation, until, prompt_lengths, docs
         )
         if self.records_unpatched and unpatched is None:
             unpatched = answers  # policy none: the model is the unpatched one
@@ -222,12 +226,16 @@ class TokenzipLMMS(lmms):
             self.sample_stats.append(row)
         return answers
 
-    def _run(self, policy, keep, options, inputs, generation, until, prompt_lengths):
-        """Generate under `policy`; returns (answers, the prefill record, seconds)."""
+    def _run(self, policy, keep, options, inputs, generation, until, prompt_lengths, docs=None):
+        """Generate under `policy`; returns (answers, the prefill record, seconds). Policy `oracle` reads the
+        ground truth of `docs` (tokenzip's synthetic documents, `tokenzip.synthetic.truth.doc_truth`)."""
+        truth = contextlib.nullcontext()
+        if str(policy).lower() == "oracle":
+            truth = ground_truth([doc_truth(doc) for doc in docs or []])
         patch = apply(self.model, policy, keep, **options)
         try:
             start = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), truth:
                 out = self.model.generate(**inputs, **generation, pad_token_id=self._pad_id())
             seconds = time.perf_counter() - start
             record = _prefill_record(patch)

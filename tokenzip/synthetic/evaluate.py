@@ -43,15 +43,16 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     record: list[str] | None = None,
+    version: str = "v1",
 ) -> dict[str, float]:
-    """Exact-match accuracy of the first `n` samples of `split`: overall and per category. The answers, in sample
-    order, are appended to `record` when given."""
+    """Exact-match accuracy of the first `n` samples of `split` of dataset `version`: overall and per category.
+    The answers, in sample order, are appended to `record` when given."""
 
     def answer(batch: list) -> list[str]:
         images = [s.image(RENDER_SIDE) for s in batch]
         return answers(model, processor, family, images, [s.question.text for s in batch])
 
-    return _scored(lambda i: sample(split, i, seed), answer, n, batch_size, record)
+    return _scored(lambda i: sample(split, i, seed, version), answer, n, batch_size, record)
 
 
 def evaluate_video(
@@ -63,9 +64,11 @@ def evaluate_video(
     seed: int = 0,
     batch_size: int = 16,
     record: list[str] | None = None,
+    version: str = "v1",
 ) -> dict[str, float]:
-    """Exact-match accuracy on the first `n` clips of `split` (`VIDEO_FRAMES` frames each): overall and per event
-    category (video_color, video_move, video_appear). The answers, in clip order, are appended to `record`."""
+    """Exact-match accuracy on the first `n` clips of `split` of dataset `version` (`VIDEO_FRAMES` frames each):
+    overall and per event category (video_color, video_move, video_appear). The answers, in clip order, are
+    appended to `record`."""
 
     def answer(clips: list) -> list[str]:
         prompts = [
@@ -76,7 +79,7 @@ def evaluate_video(
         inputs = processor_inputs(processor, model.config, family, prompts, [], [c.frames() for c in clips])
         return generate_answers(model, processor, inputs)
 
-    return _scored(lambda i: video_sample(split, i, seed, frames=(VIDEO_FRAMES,) * 2), answer, n, batch_size, record)
+    return _scored(lambda i: video_sample(split, i, seed, (VIDEO_FRAMES,) * 2, version), answer, n, batch_size, record)
 
 
 def _scored(item, answer, n: int, batch_size: int, record: list[str] | None) -> dict[str, float]:

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .scenes import COLORS, SHAPES, Obj, Scene
+from .scenes import COLORS, SHAPES, STYLES, Obj, Scene
 
 CATEGORIES = ("color", "shape", "count", "exists", "position", "ocr")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven")
@@ -56,7 +56,7 @@ def ask_shape(rng: random.Random, scene: Scene) -> tuple[Scene, Question]:
 
 def ask_count(rng: random.Random, scene: Scene) -> tuple[Scene, Question]:
     shape = rng.choice(SHAPES)
-    want = rng.randint(0, min(4, len(scene.objects)))
+    want = rng.randint(0, min(STYLES[scene.style].max_count, len(scene.objects)))
     chosen = set(rng.sample(range(len(scene.objects)), want))
     for j, obj in enumerate(scene.objects):
         if j in chosen:

@@ -2,6 +2,15 @@
 
 A `Scene` is pure data (what is where); `render` turns it into an RGB image. Everything is deterministic: the
 same `random.Random` state gives the same scene, and the same scene the same pixels.
+
+Two styles (`STYLES`), chosen by the dataset version:
+
+* ``v1`` (the first bundles): 3-6 shapes of half-extent 0.07 / 0.12 on a flat background with 14 grey lines.
+  The shapes cover a large part of the image, so a random tenth of the tokens often still shows them.
+* ``v2``: like a photograph, most of the image carries no answer. 3-5 shapes of half-extent 0.05 / 0.06 and a
+  glyph box of 0.065 sit on a textured background (a soft two-tone gradient, faint muted blobs, 40 thin lines,
+  pixel noise) drawn only in desaturated tones that no question names. The content one question needs covers
+  about 5 % of a 12x12 token grid (`tokenzip.synthetic.truth`), at most about 10 %.
 """
 
 from __future__ import annotations
@@ -28,6 +37,25 @@ CLUTTER = (180, 180, 180)
 
 
 @dataclass(frozen=True)
+class Style:
+    """How scenes of one dataset version look: object sizes and counts, glyph size, background."""
+
+    name: str
+    sizes: dict[str, float]  # size name -> half-extent as a fraction of the image side
+    n_objects: tuple[int, int]  # objects per scene (inclusive)
+    glyph_radius: float
+    clutter: int  # thin line segments in the background
+    background: str  # "flat" (one colour) or "photo" (gradient, blobs, noise)
+    max_count: int  # largest answer of a count question
+
+
+STYLES: dict[str, Style] = {
+    "v1": Style("v1", SIZES, (3, 6), 0.07, 14, "flat", 4),
+    "v2": Style("v2", {"small": 0.05, "large": 0.06}, (3, 5), 0.065, 40, "photo", 3),
+}
+
+
+@dataclass(frozen=True)
 class Obj:
     """One shape; centre (x, y) in [0, 1] image coordinates (x to the right, y downwards)."""
 
@@ -36,10 +64,11 @@ class Obj:
     size: str
     x: float
     y: float
+    r: float | None = None  # half-extent; None = `SIZES[size]` (the v1 sizes)
 
     @property
     def radius(self) -> float:
-        return SIZES[self.size]
+        return SIZES[self.size] if self.r is None else self.r
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,7 @@ class Scene:
     clutter_seed: int = 0
     clutter: int = 14  # thin grey line segments in the background
     extra: dict = field(default_factory=dict, compare=False)
+    style: str = "v1"  # a key of STYLES: how the background is drawn
 
     def with_object(self, index: int, **changes) -> Scene:
         objects = list(self.objects)
@@ -79,33 +109,41 @@ def _free_spot(rng: random.Random, taken: list[tuple[float, float, float]], radi
     raise _NoRoom
 
 
-def random_scene(rng: random.Random, n_objects: tuple[int, int] = (3, 6), glyph: bool = True) -> Scene:
-    """Objects with random shape, colour, size and non-overlapping positions, plus (optionally) one glyph.
+def random_scene(
+    rng: random.Random, n_objects: tuple[int, int] | None = None, glyph: bool = True, style: str = "v1"
+) -> Scene:
+    """Objects with random shape, colour, size and non-overlapping positions, plus (optionally) one glyph, in
+    `style` (a key of `STYLES`); `n_objects` overrides the style's object count range.
 
     A layout that leaves no room for the next object is discarded and drawn again from the same generator (still
     deterministic; layouts that fit the first time are unaffected).
     """
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; styles: {sorted(STYLES)}")
+    look = STYLES[style]
     for _ in range(100):
         try:
-            return _layout(rng, n_objects, glyph)
+            return _layout(rng, n_objects or look.n_objects, glyph, look)
         except _NoRoom:
             continue
     raise RuntimeError("no layout fits: too many objects for the canvas")
 
 
-def _layout(rng: random.Random, n_objects: tuple[int, int], glyph: bool) -> Scene:
+def _layout(rng: random.Random, n_objects: tuple[int, int], glyph: bool, look: Style) -> Scene:
     taken: list[tuple[float, float, float]] = []
     objects = []
+    v1 = look.name == "v1"
     for _ in range(rng.randint(*n_objects)):
-        size = rng.choice(tuple(SIZES))
-        x, y = _free_spot(rng, taken, SIZES[size])
-        taken.append((x, y, SIZES[size]))
-        objects.append(Obj(rng.choice(SHAPES), rng.choice(tuple(COLORS)), size, x, y))
+        size = rng.choice(tuple(look.sizes))
+        radius = look.sizes[size]
+        x, y = _free_spot(rng, taken, radius)
+        taken.append((x, y, radius))
+        objects.append(Obj(rng.choice(SHAPES), rng.choice(tuple(COLORS)), size, x, y, None if v1 else radius))
     mark = None
     if glyph:
-        x, y = _free_spot(rng, taken, 0.07)
-        mark = Glyph(rng.choice(GLYPHS), x, y)
-    return Scene(tuple(objects), mark, clutter_seed=rng.randrange(2**31))
+        x, y = _free_spot(rng, taken, look.glyph_radius)
+        mark = Glyph(rng.choice(GLYPHS), x, y, look.glyph_radius)
+    return Scene(tuple(objects), mark, clutter_seed=rng.randrange(2**31), clutter=look.clutter, style=look.name)
 
 
 def _polygon(obj: Obj, side: int) -> list[tuple[float, float]]:
@@ -117,15 +155,49 @@ def _polygon(obj: Obj, side: int) -> list[tuple[float, float]]:
     return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]  # diamond
 
 
-def render(scene: Scene, side: int = 336) -> Image.Image:
-    """The scene as a side x side RGB image: clutter lines, then the shapes, then the glyph box."""
-    image = Image.new("RGB", (side, side), BACKGROUND)
+def _muted(rng: random.Random, low: int, high: int) -> tuple[int, int, int]:
+    """A desaturated tone (channels within 24 of each other): never one of the named COLORS."""
+    base = rng.randint(low, high)
+    return tuple(max(0, min(255, base + rng.randint(-12, 12))) for _ in range(3))  # type: ignore[return-value]
+
+
+def _photo_background(scene: Scene, side: int) -> Image.Image:
+    """v2 background: a two-tone vertical gradient, faint large blobs, thin lines and pixel noise, all muted."""
+    import numpy as np
+
+    rng = random.Random(scene.clutter_seed)
+    top, bottom = np.array(_muted(rng, 200, 245), np.float32), np.array(_muted(rng, 170, 230), np.float32)
+    t = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None]
+    column = (top * (1 - t) + bottom * t).astype(np.uint8)  # [side, 3]
+    image = Image.fromarray(np.ascontiguousarray(np.broadcast_to(column[:, None], (side, side, 3))))
     draw = ImageDraw.Draw(image)
-    clutter = random.Random(scene.clutter_seed)
-    for _ in range(scene.clutter):
-        x0, y0 = clutter.uniform(0, side), clutter.uniform(0, side)
-        angle, length = clutter.uniform(0, math.pi), clutter.uniform(0.05, 0.2) * side
-        draw.line((x0, y0, x0 + length * math.cos(angle), y0 + length * math.sin(angle)), fill=CLUTTER, width=1)
+    for _ in range(rng.randint(3, 6)):  # blobs much larger than any shape, close to the background tone
+        x, y = rng.uniform(0, side), rng.uniform(0, side)
+        rx, ry = rng.uniform(0.12, 0.3) * side, rng.uniform(0.12, 0.3) * side
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=_muted(rng, 175, 235))
+    _lines(draw, rng, scene.clutter, side, lambda: _muted(rng, 120, 200))
+    noise = np.random.default_rng(scene.clutter_seed).integers(-7, 8, (side, side, 3), dtype=np.int16)
+    out = np.asarray(image, dtype=np.int16) + noise  # uniform pixel noise of +-7
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def _lines(draw: ImageDraw.ImageDraw, rng: random.Random, n: int, side: int, color) -> None:
+    for _ in range(n):
+        x0, y0 = rng.uniform(0, side), rng.uniform(0, side)
+        angle, length = rng.uniform(0, math.pi), rng.uniform(0.05, 0.2) * side
+        draw.line((x0, y0, x0 + length * math.cos(angle), y0 + length * math.sin(angle)), fill=color(), width=1)
+
+
+def render(scene: Scene, side: int = 336) -> Image.Image:
+    """The scene as a side x side RGB image: the background (v1: flat with clutter lines; v2: `_photo_background`),
+    then the shapes, then the glyph box."""
+    if STYLES[scene.style].background == "photo":
+        image = _photo_background(scene, side)
+        draw = ImageDraw.Draw(image)
+    else:
+        image = Image.new("RGB", (side, side), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        _lines(draw, random.Random(scene.clutter_seed), scene.clutter, side, lambda: CLUTTER)
     for obj in scene.objects:
         color = COLORS[obj.color]
         if obj.shape == "circle":

@@ -2,8 +2,10 @@
 
     python -m tokenzip.synthetic.train --family llava --minutes 40 --out tokenzip/assets/synth-llava
 
-Two phases share the time budget. First the vision side alone learns the per-cell scene labels (`vision_phase`);
-then the whole model learns to answer. Each step of the second phase renders a fresh batch of training samples
+Two phases share the time budget. First the vision side alone learns the per-cell scene labels (`vision_phase`)
+and, on its global vector, the image-level scene attributes (`global_heads`); then the whole model learns to answer.
+`--data-version` picks the data (and the LLM size, `architectures.TEXT`): v1 (the shipped bundles) or v2.
+Each step of the second phase renders a fresh batch of training samples
 (`sample("train", i)` for a stream of indices, wrapping around the split), builds multi-turn conversations (the
 sample's own question first, then extra questions about the same scene, see `conversations`) and minimises the
 cross-entropy of the answer word and the end-of-turn token of every assistant turn. Evaluation is greedy
@@ -29,6 +31,7 @@ from .conversations import ASSISTANT_MARKER, answer_mask, extra_questions, messa
 from .dataset import SPLITS, VIDEO_TEST, Sample, sample
 from .dense import DenseHeads
 from .evaluate import evaluate, evaluate_video
+from .global_heads import GlobalHeads, GlobalTap
 from .phrase_probes import PhraseProbes, phrase_targets
 from .probes import ReadoutProbes, probe_targets
 from .questions import ASK, CATEGORIES
@@ -40,6 +43,11 @@ from .vision_phase import pretrain_vision, tower_parameters
 @dataclass
 class TrainConfig:
     family: str = "llava"
+    data_version: str = "v1"  # dataset version (scene style) and LLM size (architectures.TEXT): "v1" (the shipped
+    # bundles, so that their recorded commands still rebuild them) or "v2"
+    arch: str = ""  # LLM size of another version (architectures.TEXT) for experiments; "" = data_version's
+    global_weight: float | None = None  # image-level objective on the tower's global vector (global_heads.py);
+    # 0 = off; None = 1 for v2 data, 0 for v1 (the shipped bundles were trained without it)
     minutes: float = 40.0  # wall-clock budget for the optimisation steps of both phases
     vision_share: float = 0.5  # share of the budget for the vision-only phase (see vision_phase.py); 0 = skip it
     vision_max_steps: int = 100_000
@@ -76,11 +84,11 @@ class TrainConfig:
     log: list = field(default_factory=list)
 
 
-def easy_sample(index: int, seed: int = 0) -> Sample:
+def easy_sample(index: int, seed: int = 0, version: str = "v1") -> Sample:
     """A curriculum sample: the same question categories on scenes of only 2-3 objects (fewer distractors)."""
-    rng = random.Random(f"easy/{seed}/{index}")
+    rng = random.Random(f"easy/{seed}/{index}" if version == "v1" else f"{version}/easy/{seed}/{index}")
     category = CATEGORIES[index % len(CATEGORIES)]
-    scene, question = ASK[category](rng, random_scene(rng, n_objects=(2, 3)))
+    scene, question = ASK[category](rng, random_scene(rng, n_objects=(2, 3), style=version))
     return Sample("train", index, scene, question)
 
 
@@ -102,7 +110,8 @@ def training_batch(processor, family: str, indices: list[int], cfg: TrainConfig,
     `scenes` (for the dense auxiliary targets)."""
     texts, images, scenes, asked = [], [], [], []
     for i in indices:
-        s = easy_sample(i, cfg.seed) if easy else sample("train", i % SPLITS["train"], cfg.seed)
+        v = cfg.data_version
+        s = easy_sample(i, cfg.seed, v) if easy else sample("train", i % SPLITS["train"], cfg.seed, v)
         questions = [s.question, *turns(s, i, cfg)]
         texts.append(processor.apply_chat_template(messages(questions), add_generation_prompt=False))
         images.append(s.image(RENDER_SIDE))
@@ -297,10 +306,14 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         raise ValueError(f"vision_batch_size must be >= 0 (0 = batch_size), got {cfg.vision_batch_size}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, processor = build(cfg.family, cfg.seed)
+    model, processor = build(cfg.family, cfg.seed, cfg.arch or cfg.data_version)
     model.train()
     heads = DenseHeads(model.config.get_text_config().hidden_size, cfg.glyph_weight)
     tap = VisualTap(model, cfg.family)
+    if cfg.global_weight is None:
+        cfg.global_weight = 0.0 if cfg.data_version == "v1" else 1.0
+    global_tap = GlobalTap(model, cfg.family) if cfg.global_weight else None
+    global_heads = GlobalHeads(global_tap.dim) if global_tap is not None else None
     supervise = bool(cfg.attention_weight)
     noun_heads = GRID_COUNT[cfg.family] if cfg.grid_heads else 1
     teachers = (
@@ -326,6 +339,8 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     noun_ids = attribute_word_ids(processor.tokenizer)
     marker_id = processor.tokenizer.convert_tokens_to_ids(ASSISTANT_MARKER[cfg.family])
     params = [*model.named_parameters(), *(("dense." + n, p) for n, p in heads.named_parameters())]
+    if global_heads is not None:
+        params += [("global." + n, p) for n, p in global_heads.named_parameters()]
     if probes is not None:
         params += [("probe." + n, p) for n, p in probes.named_parameters()]
     if phrases is not None:
@@ -354,6 +369,10 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,
             verbose=verbose,
+            version=cfg.data_version,
+            global_heads=global_heads,
+            global_tap=global_tap,
+            global_weight=cfg.global_weight,
         )
         if cfg.freeze_tower:
             for p in tower_parameters(model, cfg.tower_trainable_layers):
@@ -367,19 +386,22 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         if is_video_step(step, cfg.video_share):
             clip_indices = list(range(clips_seen, clips_seen + cfg.batch_size))
             clips_seen += cfg.batch_size
-            total_loss = loss_on_answers(
-                model, video_batch(processor, model.config, cfg.family, clip_indices, cfg.seed)
-            )
+            clips = video_batch(processor, model.config, cfg.family, clip_indices, cfg.seed, cfg.data_version)
+            total_loss = loss_on_answers(model, clips)
             video_losses.append(total_loss.item())
         else:
             indices = list(range(seen, seen + cfg.batch_size))
             seen += cfg.batch_size
             easy = steps.elapsed < cfg.curriculum * steps.seconds
             batch = training_batch(processor, cfg.family, indices, cfg, easy=easy)
+            if global_tap is not None:
+                global_tap.images = len(indices)
             loss = loss_on_answers(model, batch)
             cells = dense_labels(model, cfg.family, batch["scenes"])
             dense = heads.loss(tap.tokens, cells)
             total_loss = loss + cfg.dense_weight * dense
+            if global_heads is not None:
+                total_loss = total_loss + cfg.global_weight * global_heads.loss(global_tap.vectors, batch["scenes"])
             if supervise:
                 nouns, *answers = attention_targets(model, cfg.family, batch, marker_id, noun_ids, cfg.grid_heads)
                 hops = [*nouns, *answers]
@@ -424,12 +446,16 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
             print(f" lr {rate:.2e} {elapsed / 60:.1f} min", flush=True)
         if cfg.eval_samples and (step % cfg.eval_every == 0 or step == steps.total):
             model.eval()
-            acc = evaluate(model, processor, cfg.family, "val", cfg.eval_samples, seed=cfg.seed)
+            acc = evaluate(
+                model, processor, cfg.family, "val", cfg.eval_samples, seed=cfg.seed, version=cfg.data_version
+            )
             model.train()
             cfg.log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": losses[-1], **acc})
             if verbose:
                 print("  val", json.dumps(acc))
     tap.remove()
+    if global_tap is not None:
+        global_tap.remove()
     for teacher in teachers:
         teacher.remove()
     if probes is not None:
@@ -480,16 +506,21 @@ def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
 
     report = json.loads((out / "training.json").read_text())
     family = report["config"]["family"]
+    version = report["config"].get("data_version", "v1")
     loaded, loaded_processor = load_vlm(out, dtype="float32")
     start = time.perf_counter()
     got: list[str] = []
-    report["test_accuracy"] = evaluate(loaded, loaded_processor, family, "test", test_samples, record=got)
+    report["test_accuracy"] = evaluate(
+        loaded, loaded_processor, family, "test", test_samples, record=got, version=version
+    )
     report["test_answers"] = got
     report["test_minutes"] = round((time.perf_counter() - start) / 60, 2)
     if report["config"].get("video_share"):
         video = min(VIDEO_TEST, test_samples)
         clips: list[str] = []
-        report["video_test_accuracy"] = evaluate_video(loaded, loaded_processor, family, "test", video, record=clips)
+        report["video_test_accuracy"] = evaluate_video(
+            loaded, loaded_processor, family, "test", video, record=clips, version=version
+        )
         report["video_test_answers"] = clips
     (out / "training.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -506,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", choices=FAMILIES, default="llava")
+    ap.add_argument("--data-version", choices=("v1", "v2"), default=TrainConfig.data_version)
+    ap.add_argument("--global-weight", type=float, default=None, help="default: 1 for v2 data, 0 for v1")
+    ap.add_argument("--arch", choices=("", "v1", "v2"), default="", help="LLM size of another data version")
     ap.add_argument("--minutes", type=float, default=TrainConfig.minutes)
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
     ap.add_argument("--vision-share", type=float, default=TrainConfig.vision_share)
@@ -526,6 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     cfg = TrainConfig(
         family=a.family,
+        data_version=a.data_version,
+        global_weight=a.global_weight,
+        arch=a.arch,
         minutes=a.minutes,
         max_steps=a.max_steps,
         vision_share=a.vision_share,

@@ -22,14 +22,14 @@ def is_video_step(step: int, share: float) -> bool:
     return share > 0 and math.floor((step + 1) * share) > math.floor(step * share)
 
 
-def video_batch(processor, config, family: str, indices: list[int], seed: int = 0) -> dict:
+def video_batch(processor, config, family: str, indices: list[int], seed: int = 0, version: str = "v1") -> dict:
     """Right-padded model inputs of training clips `indices` (wrapping around the split), with `labels` on each
     answer word and its end-of-turn token (-100 elsewhere)."""
     if family not in VIDEO_FAMILIES:
         raise ValueError(f"{family!r} has no video input; video families: {list(VIDEO_FAMILIES)}")
     texts, clips = [], []
     for i in indices:
-        clip = video_sample("train", i % SPLITS["train"], seed, frames=(VIDEO_FRAMES, VIDEO_FRAMES))
+        clip = video_sample("train", i % SPLITS["train"], seed, (VIDEO_FRAMES, VIDEO_FRAMES), version)
         texts.append(processor.apply_chat_template(messages([clip.question], media="video")))
         clips.append(clip.frames())
     processor.tokenizer.padding_side = "right"

@@ -50,9 +50,9 @@ def tower_parameters(model, trainable_layers: int = 0) -> list[torch.nn.Paramete
     ]
 
 
-def image_batch(processor, indices: list[int], seed: int) -> tuple[dict, list]:
-    """Image-processor inputs and scenes of train samples `indices` (wrapping around the split)."""
-    picked = [sample("train", i % SPLITS["train"], seed) for i in indices]
+def image_batch(processor, indices: list[int], seed: int, version: str = "v1") -> tuple[dict, list]:
+    """Image-processor inputs and scenes of train samples `indices` (wrapping around the split) of `version`."""
+    picked = [sample("train", i % SPLITS["train"], seed, version) for i in indices]
     inputs = dict(processor.image_processor([s.image(RENDER_SIDE) for s in picked], return_tensors="pt"))
     return inputs, [s.scene for s in picked]
 
@@ -73,28 +73,41 @@ def pretrain_vision(
     seed: int = 0,
     log_every: int = 50,
     verbose: bool = True,
+    version: str = "v1",
+    global_heads=None,
+    global_tap=None,
+    global_weight: float = 1.0,
 ) -> list[dict]:
     """Train the vision side and `heads` for `seconds` (or `max_steps`); returns the log (step, minutes, loss and
     the heads' accuracy on each logged batch before its update).
 
     `tokens()` returns the visual tokens [N, D] of the last forward (`train.VisualTap`), `labels(scenes)` the
-    matching [5, N] cell labels (`train.dense_labels`).
+    matching [5, N] cell labels (`train.dense_labels`). With `global_heads` (`global_heads.GlobalHeads`) and
+    `global_tap` (`global_heads.GlobalTap`), the image-level objective is added with weight `global_weight`.
     """
-    params = [*vision_parameters(model), *heads.parameters()]
+    extra = list(global_heads.parameters()) if global_heads is not None else []
+    params = [*vision_parameters(model), *heads.parameters(), *extra]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     budget = StepBudget(seconds, max_steps)
     log, step = [], 0
     while step < budget.total:
-        inputs, scenes = image_batch(processor, list(range(step * batch_size, (step + 1) * batch_size)), seed)
+        indices = list(range(step * batch_size, (step + 1) * batch_size))
+        inputs, scenes = image_batch(processor, indices, seed, version)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, budget.total, lr, warmup)
+        if global_tap is not None:
+            global_tap.images = len(scenes)
         model.model.get_image_features(**inputs)
         target = labels(scenes)
         loss = heads.loss(tokens(), target)
+        if global_heads is not None:
+            loss = loss + global_weight * global_heads.loss(global_tap.vectors, scenes)
         step += 1
         if step % log_every == 0 or step == budget.total:
             entry = {"step": step, "minutes": round(budget.elapsed / 60, 2), "loss": round(loss.item(), 4)}
             entry.update(heads.accuracy(tokens().detach(), target))
+            if global_heads is not None:
+                entry.update(global_heads.accuracy(global_tap.vectors.detach(), scenes))
             log.append(entry)
             if verbose:
                 print("vision", entry, flush=True)
