@@ -185,3 +185,88 @@ def test_a_few_v2_steps_train_with_the_image_level_objective(tmp_path):
     v1 = TrainConfig(family="llava", max_steps=1, vision_max_steps=1, batch_size=2, extra_turns=1, eval_samples=0)
     _, _, plain = train(v1, verbose=False)
     assert plain["config"]["global_weight"] == 0.0  # v1 keeps the shipped bundles' recipe
+
+
+@pytest.mark.parametrize("index", range(0, 40, 3))
+def test_v2_cells_show_what_covers_a_quarter_of_them(index):
+    """v2 objects are about one patch wide: a cell is labelled (dense heads, attention targets) with what covers at
+    least a quarter of its area, measured here independently on the truth raster, and always with the object
+    holding its centre; v1 keeps the cell-centre rule."""
+    from tokenzip.synthetic.dense import LABEL_COVER, cell_labels, covered, object_cells
+
+    scene = sample("train", index, version="v2").scene
+    labels = cell_labels(scene, 12, 12)
+    drawn_over = torch.zeros(144, dtype=torch.bool)  # later things are drawn on top of earlier ones
+    things = [*scene.objects, scene.glyph]
+    for k in reversed(range(len(things))):
+        thing = things[k]
+        area = coverage(raster([thing]).float()[None], 1, 12, 12)
+        mine = covered(thing, 12, 12, min_cover=LABEL_COVER["v2"]).flatten()  # sampled 4x4: loose bounds
+        centre = min(11, int(thing.y * 12)) * 12 + min(11, int(thing.x * 12))
+        assert mine[centre]
+        assert mine[area >= 0.34].all() and not mine[(area < 0.1) & (torch.arange(144) != centre)].any()
+        from tokenzip.synthetic.scenes import GLYPHS
+
+        row, value = (
+            (2, GLYPHS.index(thing.char) + 1) if isinstance(thing, Glyph) else (0, list(COLORS).index(thing.color) + 1)
+        )
+        assert (labels[row][mine & ~drawn_over] == value).all()
+        assert torch.equal(object_cells([thing], 12, 12, LABEL_COVER["v2"]), mine)
+        drawn_over |= mine
+    assert (labels[0] > 0).sum() + (labels[2] > 0).sum() == int(drawn_over.sum())  # nothing else is labelled
+
+
+def test_v1_cells_keep_the_centre_rule():
+    from tokenzip.synthetic.dense import cell_labels, inside
+
+    scene = sample("train", 4).scene
+    centres = (torch.arange(12, dtype=torch.float64) + 0.5) / 12
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    expected = torch.zeros(12, 12, dtype=torch.long)
+    for obj in scene.objects:
+        expected[inside(obj.shape, x - obj.x, y - obj.y, obj.radius)] = list(COLORS).index(obj.color) + 1
+    g = scene.glyph
+    expected[((x - g.x).abs() <= g.radius) & ((y - g.y).abs() <= g.radius)] = 0
+    assert torch.equal(cell_labels(scene, 12, 12)[0], expected.flatten())
+
+
+def test_recipe_fills_only_what_is_left_open():
+    from tokenzip.synthetic.train import RECIPE, TrainConfig, resolve_recipe
+
+    assert resolve_recipe(TrainConfig()).warmup == RECIPE["v1"]["warmup"]
+    v2 = resolve_recipe(TrainConfig(data_version="v2", warmup=7, zero_residual=False))
+    assert (v2.warmup, v2.zero_residual, v2.global_weight) == (7, False, RECIPE["v2"]["global_weight"])
+    with pytest.raises(ValueError, match="unknown data version 'v9'"):
+        resolve_recipe(TrainConfig(data_version="v9"))
+
+
+def test_zero_residual_layers_start_as_the_identity():
+    """After `zero_residual_projections` every decoder layer passes its input through unchanged (the hidden states
+    of all layers equal the input embeddings), and one update makes the layers contribute again."""
+    from tokenzip.synthetic.architectures import build
+    from tokenzip.synthetic.train import zero_residual_projections
+
+    model, _ = build("llava", 0, "v2")
+    zero_residual_projections(model)
+    lm = model.model.language_model
+    embeds = torch.randn(2, 9, lm.config.hidden_size)
+    out = lm(inputs_embeds=embeds, output_hidden_states=True)
+    for hidden in out.hidden_states[:-1]:  # the last one is after the final norm
+        assert torch.equal(hidden, embeds)
+    out.last_hidden_state.pow(2).mean().backward()
+    assert lm.layers[5].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert lm.layers[5].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_training_command_line_reaches_the_config(monkeypatch):
+    """Every recipe knob the v2 commands use is a flag; left out, the recipe's None stays for `resolve_recipe`."""
+    import tokenzip.synthetic.train as training
+
+    seen = []
+    monkeypatch.setattr(training, "train", lambda cfg, out: seen.append(cfg))
+    flags = "--data-version v2 --batch-size 16 --extra-turns 20 --question-rounds 4 --warmup 9 --no-zero-residual"
+    training.main(flags.split())
+    cfg = seen[0]
+    assert (cfg.batch_size, cfg.extra_turns, cfg.question_rounds, cfg.warmup) == (16, 20, 4, 9)
+    assert cfg.zero_residual is False and cfg.answer_probe_weight is None
+    assert training.resolve_recipe(cfg).answer_probe_weight == training.RECIPE["v2"]["answer_probe_weight"]

@@ -19,6 +19,12 @@ from .scenes import COLORS, GLYPHS, SHAPES, Scene
 COLOR_CLASSES = len(COLORS) + 1  # + background
 SHAPE_CLASSES = len(SHAPES) + 1
 GLYPH_CLASSES = len(GLYPHS) + 1
+LABEL_COVER: dict[str, float | None] = {"v1": None, "v2": 0.25}  # per scene style: a cell shows an object (or the
+# glyph) when the cell centre lies on it (None; the v1 bundles were trained so) or when it covers at least this
+# share of the cell's area, and always on the cell holding its centre. v2 objects are about as wide as a patch: by
+# the centre rule 14 % of them label no cell at all and 57 % one cell, whose neighbours, half covered, are then
+# taught to look like background
+SUBSAMPLES = 4  # points per cell side where coverage is measured
 COLUMN_BANDS = 12  # horizontal position of a cell, in equal bands of the full image width (classes 1..12); 12 =
 # one band per grid column of the 12-column grids (LLaVA, Qwen2.5-VL, OneVision's packed tiles)
 _COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}
@@ -36,6 +42,37 @@ def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Te
     return dx.abs() + dy.abs() <= r  # diamond
 
 
+def _cell_points(rows: int, cols: int, box: tuple[float, float, float, float], per_side: int):
+    """Sample points of every cell of a rows x cols grid over `box`: (x, y), each [rows, cols, per_side ** 2]
+    (per_side = 1: the cell centres)."""
+    x0, y0, x1, y1 = box
+    offsets = (torch.arange(per_side, dtype=torch.float64) + 0.5) / per_side
+    ys = y0 + (torch.arange(rows, dtype=torch.float64)[:, None] + offsets) * (y1 - y0) / rows  # [rows, per_side]
+    xs = x0 + (torch.arange(cols, dtype=torch.float64)[:, None] + offsets) * (x1 - x0) / cols
+    y = ys[:, None, :, None].expand(rows, cols, per_side, per_side).reshape(rows, cols, -1)
+    x = xs[None, :, None, :].expand(rows, cols, per_side, per_side).reshape(rows, cols, -1)
+    return x, y
+
+
+def covered(thing, rows: int, cols: int, box=(0, 0, 1, 1), min_cover: float | None = None) -> torch.Tensor:
+    """[rows, cols] bool: the cells that show `thing` (an object or the glyph box) under the `LABEL_COVER` rule:
+    the cell centre lies on it (`min_cover` None) or it covers at least `min_cover` of the cell; with a
+    `min_cover`, the cell holding the thing's centre always counts."""
+    x, y = _cell_points(rows, cols, box, 1 if min_cover is None else SUBSAMPLES)
+    if hasattr(thing, "shape"):
+        on = inside(thing.shape, x - thing.x, y - thing.y, thing.radius)
+    else:
+        on = ((x - thing.x).abs() <= thing.radius) & ((y - thing.y).abs() <= thing.radius)
+    if min_cover is None:
+        return on[..., 0]
+    hit = on.double().mean(-1) >= min_cover
+    x0, y0, x1, y1 = box
+    r, c = math.floor((thing.y - y0) / (y1 - y0) * rows), math.floor((thing.x - x0) / (x1 - x0) * cols)
+    if 0 <= r < rows and 0 <= c < cols:
+        hit[r, c] = True
+    return hit
+
+
 def cell_labels(
     scene: Scene,
     rows: int,
@@ -43,7 +80,8 @@ def cell_labels(
     box: tuple[float, float, float, float] = (0, 0, 1, 1),
     local_bands: bool = False,
 ):
-    """[5, rows * cols] long: colour, shape and glyph class (0 = none) at each cell centre, the cell's column
+    """[5, rows * cols] long: colour, shape and glyph class (0 = none) of each cell (`covered`: by the cell centre
+    for v1 scenes, by area for v2, see `LABEL_COVER`), the cell's column
     band (1..COLUMN_BANDS, every cell has one) and, on the one cell holding an object's centre, that object's shape
     class (0 elsewhere), raster order.
 
@@ -53,19 +91,19 @@ def cell_labels(
     there; the LLM sees which tile a token belongs to from its place in the sequence.
     """
     x0, y0, x1, y1 = box
-    ys = y0 + (torch.arange(rows, dtype=torch.float64) + 0.5) * (y1 - y0) / rows
-    xs = x0 + (torch.arange(cols, dtype=torch.float64) + 0.5) * (x1 - x0) / cols
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    x = x0 + (torch.arange(cols, dtype=torch.float64) + 0.5) * (x1 - x0) / cols
+    x = x.expand(rows, cols)
+    min_cover = LABEL_COVER[scene.style]
     color = torch.zeros(rows, cols, dtype=torch.long)
     shape = torch.zeros(rows, cols, dtype=torch.long)
     glyph = torch.zeros(rows, cols, dtype=torch.long)
     for obj in scene.objects:  # later objects are drawn on top
-        hit = inside(obj.shape, x - obj.x, y - obj.y, obj.radius)
+        hit = covered(obj, rows, cols, box, min_cover)
         color[hit] = _COLOR_INDEX[obj.color]
         shape[hit] = _SHAPE_INDEX[obj.shape]
     if scene.glyph is not None:
         g = scene.glyph
-        hit = ((x - g.x).abs() <= g.radius) & ((y - g.y).abs() <= g.radius)
+        hit = covered(g, rows, cols, box, min_cover)
         glyph[hit] = GLYPHS.index(g.char) + 1
         color[hit] = 0
         shape[hit] = 0
@@ -150,18 +188,12 @@ def asked_objects(scene: Scene, question) -> list:
     return [o for o in objs if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
 
 
-def object_cells(things: list, rows: int, cols: int) -> torch.Tensor:
-    """[rows * cols] bool: cells whose centre lies on one of `things` (objects or a glyph box), plus each thing's
-    centre cell (a thin triangle may cover no cell centre)."""
-    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
-    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+def object_cells(things: list, rows: int, cols: int, min_cover: float | None = None) -> torch.Tensor:
+    """[rows * cols] bool: cells that show one of `things` (objects or a glyph box; `covered` with `min_cover`,
+    see `LABEL_COVER`), plus each thing's centre cell (a thin triangle may cover no cell centre)."""
     hit = torch.zeros(rows, cols, dtype=torch.bool)
     for t in things:
-        if hasattr(t, "shape"):
-            hit |= inside(t.shape, x - t.x, y - t.y, t.radius)
-        else:
-            hit |= ((x - t.x).abs() <= t.radius) & ((y - t.y).abs() <= t.radius)
+        hit |= covered(t, rows, cols, min_cover=min_cover)
         hit[min(rows - 1, int(t.y * rows)), min(cols - 1, int(t.x * cols))] = True
     return hit.flatten()
 

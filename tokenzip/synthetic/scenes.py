@@ -8,9 +8,9 @@ Two styles (`STYLES`), chosen by the dataset version:
 * ``v1`` (the first bundles): 3-6 shapes of half-extent 0.07 / 0.12 on a flat background with 14 grey lines.
   The shapes cover a large part of the image, so a random tenth of the tokens often still shows them.
 * ``v2``: like a photograph, most of the image carries no answer. 3-5 shapes of half-extent 0.05 / 0.06 and a
-  glyph box of 0.065 sit on a textured background (a soft two-tone gradient, faint muted blobs, 40 thin lines,
+  glyph box of 0.08 sit on a textured background (a soft two-tone gradient, faint muted blobs, 40 thin lines,
   pixel noise) drawn only in desaturated tones that no question names. The content one question needs covers
-  about 5 % of a 12x12 token grid (`tokenzip.synthetic.truth`), at most about 10 %.
+  about 4 % of a 12x12 token grid on average (`tokenzip.synthetic.truth`), at most about 13 %.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Style:
 
 STYLES: dict[str, Style] = {
     "v1": Style("v1", SIZES, (3, 6), 0.07, 14, "flat", 4),
-    "v2": Style("v2", {"small": 0.05, "large": 0.06}, (3, 5), 0.065, 40, "photo", 3),
+    "v2": Style("v2", {"small": 0.05, "large": 0.06}, (3, 5), 0.08, 40, "photo", 3),
 }
 
 

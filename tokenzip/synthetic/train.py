@@ -47,7 +47,7 @@ class TrainConfig:
     # bundles, so that their recorded commands still rebuild them) or "v2"
     arch: str = ""  # LLM size of another version (architectures.TEXT) for experiments; "" = data_version's
     global_weight: float | None = None  # image-level objective on the tower's global vector (global_heads.py);
-    # 0 = off; None = 1 for v2 data, 0 for v1 (the shipped bundles were trained without it)
+    # 0 = off; None = RECIPE's (1 for v2 data, 0 for v1: the shipped bundles were trained without it)
     minutes: float = 40.0  # wall-clock budget for the optimisation steps of both phases
     vision_share: float = 0.5  # share of the budget for the vision-only phase (see vision_phase.py); 0 = skip it
     vision_max_steps: int = 100_000
@@ -64,7 +64,9 @@ class TrainConfig:
     # decodable; the last layer stays trainable for what the vision phase has not finished, e.g. glyphs)
     tower_trainable_layers: int = 1
     lr: float = 2e-3
-    warmup: int = 150
+    warmup: int | None = None  # linear warm-up steps of the question-answering phase; None = RECIPE's
+    zero_residual: bool | None = None  # start every decoder layer as the identity (attention and MLP output
+    # projections zero, `zero_residual_projections`); None = RECIPE's
     weight_decay: float = 0.05
     curriculum: float = 0.15  # share of the QA phase trained on easy scenes (2-3 objects) first
     dense_weight: float = 1.0  # auxiliary per-cell colour / shape / glyph loss on the visual tokens (see dense.py)
@@ -73,15 +75,58 @@ class TrainConfig:
     grid_heads: bool = False  # noun -> object in one head per grid (head g: grid g; OneVision: base, packed)
     answer_layer: int = 3  # 0-based decoder layer whose head 0 learns answer position -> noun
     probe_weight: float = 1.0  # position and count probes after those two layers (see probes.py); 0 = off
-    answer_probe_weight: float = 0.0  # answer-word classifiers on the naming word and the answer token (probes.py)
-    phrase_probe_weight: float = 0.0  # first / last phrase-word classifiers on the noun layer's query input
-    # (phrase_probes.py)
+    answer_probe_weight: float | None = None  # answer-word classifiers on the naming word and the answer token
+    # (probes.py); None = RECIPE's
+    phrase_probe_weight: float | None = None  # first / last phrase-word classifiers on the noun layer's query
+    # input (phrase_probes.py); None = RECIPE's
     video_share: float = 0.0  # share of question-answering steps on video clips (video_batches.py; not for llava)
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 300  # validation samples per periodic evaluation
     threads: int = 2
     log: list = field(default_factory=list)
+
+
+RECIPE: dict[str, dict] = {  # per data version, what the None fields of TrainConfig become
+    # how the shipped v1 bundles were trained
+    "v1": {
+        "global_weight": 0.0,
+        "warmup": 150,
+        "zero_residual": False,
+        "answer_probe_weight": 0.0,
+        "phrase_probe_weight": 0.0,
+    },
+    # v2: without the answer-word probes the noun heads of the 20-layer LLaVA attended to the right cells but
+    # carried no colour (every colour answer "yellow" or "purple"), as the OneVision v1 model did (probes.py)
+    "v2": {
+        "global_weight": 1.0,
+        "warmup": 60,
+        "zero_residual": True,
+        "answer_probe_weight": 1.0,
+        "phrase_probe_weight": 1.0,
+    },
+}
+
+
+def resolve_recipe(cfg: TrainConfig) -> TrainConfig:
+    """Fill the None fields of `cfg` from `RECIPE[cfg.data_version]` (in place; returns `cfg`)."""
+    if cfg.data_version not in RECIPE:
+        raise ValueError(f"unknown data version {cfg.data_version!r}; versions: {list(RECIPE)}")
+    for name, value in RECIPE[cfg.data_version].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def zero_residual_projections(model) -> None:
+    """Zero the output projection of every decoder layer's attention and MLP, so that each layer starts as the
+    identity on the residual stream (as in Fixup / T-Fixup and many current LM recipes). A 20-layer LLM then
+    starts where a shallow one does: the layers the supervised hops (`noun_layer`, `answer_layer`) do not use add
+    no noise to what they pass on, and each joins in as its output projection learns. Gradients still reach the
+    query / key / value weights after the first update of the projection."""
+    for layer in model.model.language_model.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
 
 
 def easy_sample(index: int, seed: int = 0, version: str = "v1") -> Sample:
@@ -237,7 +282,7 @@ def attention_targets(
     being (sample, position) rows; the noun hops are a list of one pair, or of one pair per grid with `per_grid`
     (same queries, keys of grid g only, plus the sink for counting).
     """
-    from .dense import centre_cells, object_cells
+    from .dense import LABEL_COVER, centre_cells, object_cells
 
     ids = batch["input_ids"]
     width = ids.shape[1]
@@ -251,10 +296,11 @@ def attention_targets(
         for k, (noun, things) in enumerate(zip(ends, phrases)):
             if not things and not counting:
                 continue
-            cells = centre_cells if counting else object_cells
+            cover = LABEL_COVER[batch["scenes"][b].style]
             keys = torch.zeros(heads, width, dtype=torch.bool)
             for g, (positions, rows, cols) in enumerate(grids[b]):
-                keys[g if per_grid else 0, positions[cells(things, rows, cols)]] = True
+                cells = centre_cells(things, rows, cols) if counting else object_cells(things, rows, cols, cover)
+                keys[g if per_grid else 0, positions[cells]] = True
             if counting:
                 keys[:, sinks[b]] = True
             for head in range(heads):
@@ -306,12 +352,13 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         raise ValueError(f"vision_batch_size must be >= 0 (0 = batch_size), got {cfg.vision_batch_size}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    resolve_recipe(cfg)
     model, processor = build(cfg.family, cfg.seed, cfg.arch or cfg.data_version)
     model.train()
+    if cfg.zero_residual:
+        zero_residual_projections(model)
     heads = DenseHeads(model.config.get_text_config().hidden_size, cfg.glyph_weight)
     tap = VisualTap(model, cfg.family)
-    if cfg.global_weight is None:
-        cfg.global_weight = 0.0 if cfg.data_version == "v1" else 1.0
     global_tap = GlobalTap(model, cfg.family) if cfg.global_weight else None
     global_heads = GlobalHeads(global_tap.dim) if global_tap is not None else None
     supervise = bool(cfg.attention_weight)
@@ -548,11 +595,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--vision-batch-size", type=int, default=TrainConfig.vision_batch_size, help="0 = --batch-size")
     ap.add_argument("--glyph-weight", type=float, default=TrainConfig.glyph_weight)
-    ap.add_argument("--answer-probe-weight", type=float, default=TrainConfig.answer_probe_weight)
-    ap.add_argument("--phrase-probe-weight", type=float, default=TrainConfig.phrase_probe_weight)
+    ap.add_argument("--extra-turns", type=int, default=TrainConfig.extra_turns, help="extra questions per image")
+    ap.add_argument(
+        "--question-rounds", type=int, default=TrainConfig.question_rounds, help="draws of one question per category"
+    )
+    ap.add_argument("--answer-probe-weight", type=float, default=None, help="default: RECIPE's (0 v1, 1 v2)")
+    ap.add_argument("--phrase-probe-weight", type=float, default=None, help="default: RECIPE's (0 v1, 1 v2)")
     ap.add_argument("--attention-weight", type=float, default=TrainConfig.attention_weight)
     ap.add_argument("--grid-heads", action="store_true", help="noun -> object in one head per grid (OneVision)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--warmup", type=int, default=None, help="default: RECIPE's (150 for v1, 60 for v2)")
+    ap.add_argument(
+        "--zero-residual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decoder layers start as the identity (default: RECIPE's, on for v2)",
+    )
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     ap.add_argument("--eval-samples", type=int, default=TrainConfig.eval_samples)
@@ -571,11 +629,15 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=a.batch_size,
         vision_batch_size=a.vision_batch_size,
         glyph_weight=a.glyph_weight,
+        extra_turns=a.extra_turns,
+        question_rounds=a.question_rounds,
         answer_probe_weight=a.answer_probe_weight,
         phrase_probe_weight=a.phrase_probe_weight,
         grid_heads=a.grid_heads,
         attention_weight=a.attention_weight,
         lr=a.lr,
+        warmup=a.warmup,
+        zero_residual=a.zero_residual,
         seed=a.seed,
         eval_every=a.eval_every,
         eval_samples=a.eval_samples,
