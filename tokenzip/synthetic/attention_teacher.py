@@ -36,8 +36,9 @@ class AttentionTeacher:
     def _capture(self, module, args, kwargs) -> None:
         self.captured = (attention_input(args, kwargs), kwargs["position_embeddings"])
 
-    def loss(self, query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """query [M, 2] (sample, position) rows; targets [M, S] bool key positions that should get the mass."""
+    def loss(self, query: torch.Tensor, targets: torch.Tensor, attended: torch.Tensor | None = None) -> torch.Tensor:
+        """query [M, 2] (sample, position) rows; targets [M, S] bool key positions that should get the mass;
+        attended [B, S] bool: keys the forward's attention mask lets through (None: all, causally)."""
         hidden, (cos, sin) = self.captured
         a = self.attention
         head_dim = a.head_dim
@@ -49,6 +50,8 @@ class AttentionTeacher:
         scores = torch.einsum("md,msd->ms", q[b, 0, pos], k[b, 0]) * head_dim**-0.5  # [M, S]
         keys = torch.arange(k.shape[2], device=k.device)
         scores = scores.masked_fill(keys[None, :] > pos[:, None], float("-inf"))  # causal
+        if attended is not None:
+            scores = scores.masked_fill(~attended[b], float("-inf"))
         logp = torch.log_softmax(scores.float(), dim=-1)
         return -torch.logsumexp(logp.masked_fill(~targets, float("-inf")), dim=-1).mean()
 
