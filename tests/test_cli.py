@@ -183,7 +183,7 @@ def test_readme_command_runs(command, tmp_path, monkeypatch):
         exec(shlex.split(command)[2], {})
         assert Image.open("img.png").size[0] > 0
         return
-    sample("test", 1).image().save(tmp_path / "img.png")  # what the README's python -c line writes
+    sample("test", 1, version="v2").image().save(tmp_path / "img.png")  # what the README's python -c line writes
     args = _tokenzip_args(command)
     sub = args[0]
     if sub == "eval":
@@ -211,7 +211,7 @@ def llava_inputs():
     from tokenzip.synthetic import sample
 
     model, processor = load_vlm("synth-llava")
-    s = sample("test", 1)
+    s = sample("test", 1, version="v2")  # the data the bundle was trained on
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question.text}]}]
     prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
     return model, dict(processor(images=s.image(), text=prompt, return_tensors="pt"))
@@ -235,3 +235,29 @@ def test_readme_python_blocks_run(index, llava_inputs):
     with contextlib.redirect_stdout(out):
         exec(compile(code, str(README), "exec"), {"__name__": "readme", "model": model, "inputs": inputs})
     assert tokenzip.api.current_patch(model) is None  # the snippets leave the model unpatched
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_bench_accuracy_asks_the_questions_of_the_models_training_data(version, tmp_path, monkeypatch):
+    """`bench --accuracy` scores a trained model on the dataset version its training.json records (a v2 model asked
+    v1 questions would measure a distribution shift, not the policies)."""
+    import shutil
+
+    from tokenzip import assets
+    from tokenzip.synthetic import evaluate as evaluate_module
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(assets.path("synth-llava"), model_dir)
+    record = json.loads((model_dir / "training.json").read_text())
+    record["config"]["data_version"] = version
+    (model_dir / "training.json").write_text(json.dumps(record))
+    asked: list[str] = []
+    real = evaluate_module.evaluate
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("version", "v1"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    invoke(["bench", "--model", str(model_dir), "--accuracy", "2", *FAST["bench"], "--out", str(tmp_path / "out")])
+    assert asked and set(asked) == {version}

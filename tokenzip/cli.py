@@ -393,10 +393,13 @@ def bench_command(
                 f"--accuracy takes a positive number of questions and a trained model with its processor "
                 f"(synth-llava, ... or a directory written by tokenzip.synthetic.train); got {accuracy} on {bm.name}"
             )
+        from .evaluation.grid import data_version
         from .synthetic.evaluate import evaluate
 
+        version = data_version(model) or "v1"  # score a bundle on the dataset version it was trained on
+
         def evaluator(patched) -> float:
-            return evaluate(patched, bm.processor, bm.family, "test", accuracy)["all"]
+            return evaluate(patched, bm.processor, bm.family, "test", accuracy, version=version)["all"]
 
     total = 1 + len([p for p in names if p != "none"]) * len(settings.keeps)
     with RunProgress(total, f"tokenzip bench {bm.name}") as progress:
