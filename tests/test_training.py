@@ -552,3 +552,18 @@ def test_onevision_tiles_are_labelled_with_bands_inside_the_tile():
     right_top = cell_labels(scene, 6, 6, (0.5, 0, 1, 0.5))
     assert torch.equal(labels[[0, 1, 2, 4], 2], right_top[[0, 1, 2, 4]])
     assert (right_top[3] > 6).all()  # whole-image bands of the right half, which its tokens cannot know
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+def test_vision_width_sets_the_towers_width_and_rejects_bad_values(family):
+    """`--vision-width` widens the tower (MLPs 4x) and leaves the LLM alone; 0 keeps the family's default."""
+    from tokenzip.synthetic.architectures import build
+
+    default, _ = build(family, version="v1")
+    wide, _ = build(family, version="v1", vision_width=96)
+    vision = wide.config.vision_config
+    assert vision.hidden_size == 96 and vision.intermediate_size == 384
+    assert default.config.vision_config.hidden_size != 96
+    assert wide.config.get_text_config().to_dict() == default.config.get_text_config().to_dict()
+    with pytest.raises(ValueError, match="vision_width must be"):
+        build(family, version="v1", vision_width=100)

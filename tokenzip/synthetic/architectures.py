@@ -58,9 +58,17 @@ def word_tokenizer(specials: list[str]):
     return tok
 
 
-def build_llava(seed: int = 0, version: str = "v1"):
+def _width(default: int, vision_width: int) -> int:
+    """The tower width: `vision_width`, or the family's `default` when it is 0."""
+    if vision_width < 0 or vision_width % 8:
+        raise ValueError(f"vision_width must be 0 (family default) or a positive multiple of 8, got {vision_width}")
+    return vision_width or default
+
+
+def build_llava(seed: int = 0, version: str = "v1", vision_width: int = 0):
     side = IMAGE_SIDE["llava"]
-    vision = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, projection_dim=128)
+    w = _width(128, vision_width)
+    vision = dict(hidden_size=w, intermediate_size=4 * w, num_attention_heads=4, projection_dim=w)
     vlm = tiny_llava(
         image_size=side,
         patch=16,
@@ -73,9 +81,10 @@ def build_llava(seed: int = 0, version: str = "v1"):
     return vlm.model, vlm.processor
 
 
-def build_qwen2_5_vl(seed: int = 0, version: str = "v1"):
+def build_qwen2_5_vl(seed: int = 0, version: str = "v1", vision_width: int = 0):
     width = TEXT[version]["hidden_size"]
-    vision = dict(hidden_size=64, intermediate_size=256, num_heads=4, window_size=140, out_hidden_size=width)
+    w = _width(64, vision_width)
+    vision = dict(hidden_size=w, intermediate_size=4 * w, num_heads=4, window_size=140, out_hidden_size=width)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE_SECTION[version]}
     text = {**TEXT[version], "rope_parameters": rope}
     vlm = tiny_qwen25vl(
@@ -88,8 +97,9 @@ def build_qwen2_5_vl(seed: int = 0, version: str = "v1"):
     return vlm.model, vlm.processor
 
 
-def build_llava_onevision(seed: int = 0, version: str = "v1"):
-    vision = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4)
+def build_llava_onevision(seed: int = 0, version: str = "v1", vision_width: int = 0):
+    w = _width(128, vision_width)
+    vision = dict(hidden_size=w, intermediate_size=4 * w, num_attention_heads=4)
     vlm = tiny_llava_ov(
         image_size=96,
         patch=16,
@@ -104,12 +114,12 @@ def build_llava_onevision(seed: int = 0, version: str = "v1"):
 BUILDERS = {"llava": build_llava, "qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision}
 
 
-def build(family: str, seed: int = 0, version: str = "v1"):
+def build(family: str, seed: int = 0, version: str = "v1", vision_width: int = 0):
     """Fresh `(model, processor)` of `family` (one of `FAMILIES`) for dataset `version` (the LLM size, `TEXT`),
-    weights drawn from `seed`."""
+    weights drawn from `seed`; `vision_width` > 0 sets the tower's width (MLPs 4x as wide; 0 = the defaults above)."""
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}")
     if version not in TEXT:
         raise ValueError(f"unknown dataset version {version!r}; versions: {list(TEXT)}")
-    model, processor = BUILDERS[family](seed, version)
+    model, processor = BUILDERS[family](seed, version, vision_width)
     return model.train(), processor

@@ -46,6 +46,7 @@ class TrainConfig:
     family: str = "llava"
     data_version: str = "v1"  # dataset version (scene style) and LLM size (architectures.TEXT): "v1" (the shipped
     # bundles, so that their recorded commands still rebuild them) or "v2"
+    vision_width: int = 0  # tower width (architectures.build); 0 = the family's default
     arch: str = ""  # LLM size of another version (architectures.TEXT) for experiments; "" = data_version's
     global_weight: float | None = None  # image-level objective on the tower's global vector (global_heads.py);
     # 0 = off; None = RECIPE's (1 for v2 data, 0 for v1: the shipped bundles were trained without it)
@@ -365,7 +366,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     resolve_recipe(cfg)
-    model, processor = build(cfg.family, cfg.seed, cfg.arch or cfg.data_version)
+    model, processor = build(cfg.family, cfg.seed, cfg.arch or cfg.data_version, cfg.vision_width)
     if cfg.init:
         model.load_state_dict(type(model).from_pretrained(cfg.init, dtype=torch.float32).state_dict())
     elif cfg.zero_residual:
@@ -612,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--family", choices=FAMILIES, default="llava")
     ap.add_argument("--data-version", choices=("v1", "v2"), default=TrainConfig.data_version)
     ap.add_argument("--global-weight", type=float, default=None, help="default: 1 for v2 data, 0 for v1")
+    ap.add_argument("--vision-width", type=int, default=TrainConfig.vision_width, help="tower width (0 = default)")
     ap.add_argument("--arch", choices=("", "v1", "v2"), default="", help="LLM size of another data version")
     ap.add_argument("--minutes", type=float, default=TrainConfig.minutes)
     ap.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
@@ -650,6 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         family=a.family,
         data_version=a.data_version,
         global_weight=a.global_weight,
+        vision_width=a.vision_width,
         arch=a.arch,
         minutes=a.minutes,
         max_steps=a.max_steps,
