@@ -164,3 +164,27 @@ def test_sample_flops_match_the_batch_breakdown(policy):
         assert row["ratio"] < 1.0
     with pytest.raises(ValueError, match="prompt_lengths"):
         sample_flops(vlm.model.config, record, [length, length])
+
+
+def test_flop_counter_counts_grouped_query_attention_as_repeated_heads():
+    """Regression (found on an H200): with `enable_gqa=True` (transformers' sdpa call without a mask, e.g. a
+    Qwen2 LLM at batch 1) torch's formula for the fused CUDA kernels asserted equal head counts, so `tokenzip bench`
+    crashed on Qwen2.5-VL-7B and OneVision-7B. Grouped heads now count as if repeated to the query's heads."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    from tokenzip.engine.accounting import _sdpa_mapping
+
+    q, k, v = torch.randn(1, 8, 10, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    with flop_counter() as grouped:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with flop_counter() as repeated:
+        F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))
+    expanded = sdpa_flop_count(q.shape, (1, 8, 12, 16), (1, 8, 12, 16))
+    assert grouped.get_total_flops() == repeated.get_total_flops() == expanded
+    mapping = _sdpa_mapping()  # the fused kernels CUDA dispatches to take the same formula
+    assert torch.ops.aten._scaled_dot_product_flash_attention in mapping
+    assert torch.ops.aten._scaled_dot_product_efficient_attention in mapping
+    want = sdpa_flop_count(torch.Size([1, 8, 10, 16]), torch.Size([1, 8, 12, 16]), torch.Size([1, 8, 12, 16]))
+    for formula in mapping.values():
+        assert formula(torch.Size([1, 8, 10, 16]), torch.Size([1, 2, 12, 16]), torch.Size([1, 2, 12, 16])) == want

@@ -19,19 +19,33 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 _ACTIVE: contextvars.ContextVar[_Overhead | None] = contextvars.ContextVar("tokenzip_overhead", default=None)
 
 
-def _cpu_sdpa_mapping() -> dict:
-    """FlopCounterMode has no formula for the CPU flash-attention kernel sdpa dispatches to; add one."""
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one fused attention call from the shapes of query [B, H, Sq, D], key and value [B, Hkv, Sk, D].
+
+    With grouped-query attention (`enable_gqa=True`, which transformers passes when there is no mask: Qwen2,
+    Qwen2.5-VL, OneVision LLMs) key and value have fewer heads than the query; they count as if repeated to the
+    query's heads, which is what the kernel computes and what the masked path (`repeat_kv`) counts. torch's own
+    formula asserts equal head counts."""
+    heads = q[1]
+    return sdpa_flop_count(q, (k[0], heads, *k[2:]), (v[0], heads, *v[2:]))
+
+
+def _sdpa_mapping() -> dict:
+    """Formulas for every fused sdpa kernel: the CUDA ones (GQA-aware) and the CPU flash kernel, which
+    FlopCounterMode has no formula for."""
     aten = torch.ops.aten
-    mapping = {}
-    op = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        mapping[op] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
-    return mapping
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    return {getattr(aten, name): _sdpa_flops for name in names if hasattr(aten, name)}
 
 
 def flop_counter() -> FlopCounterMode:
-    """A FlopCounterMode that also counts CPU sdpa."""
-    return FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
+    """A FlopCounterMode that counts every sdpa kernel, grouped-query attention included."""
+    return FlopCounterMode(display=False, custom_mapping=_sdpa_mapping())
 
 
 @dataclass
