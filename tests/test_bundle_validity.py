@@ -4,7 +4,7 @@ At keep 0.111 the `oracle` reference selection (the tokens the question needs, f
 must keep at least 95 % of the unpruned accuracy, and `random` at most 70 %: a task a perfect selector cannot
 answer from a ninth of the tokens, or that a random ninth answers, cannot rank policies. Measured here on the
 first `QUESTIONS` test questions (equal numbers per category); the README gives the full-split figures
-(`tokenzip eval`). The v1 bundles predate the bars and are not checked.
+(`tokenzip eval`). All three bundles are v2 models; a v1 model (which predates the bars) would not be checked.
 
 Without lmms-eval these tests skip, unless TOKENZIP_REQUIRE_LMMS_EVAL=1 (CI sets it), where they fail instead.
 """

@@ -8,9 +8,10 @@ vocabulary covers every question and answer of `tokenzip.synthetic` (plus the ch
 * ``qwen2_5_vl``: `Qwen2_5_VLForConditionalGeneration`, 280 px images, 14 px patches, windowed tower of 4 blocks, 64
   wide with 256-wide MLPs (window 140 px = 2x2 windows per image, full attention in blocks 1 and 3), 2x2 merger ->
   10x10 = 100 LLM tokens per image, M-RoPE Qwen2 LLM of 8 layers. The tower sees 400 patches per image: at 336 px
-  (576 patches), 96 wide with 384-wide MLPs, a vision-phase step took 2.0 s on 2 cores against 1.0 s now. Trained
-  44 minutes with vision batches of 16 and the glyph head weighted 3 (`synth-qwen2_5_vl`) it reaches 93.6 %; with
-  vision batches of 32 and equal weights 89.4 % (OCR 48 %); 96 wide it got fewer steps and did worse.
+  (576 patches), 96 wide with 384-wide MLPs, a vision-phase step took 2.0 s on 2 cores against 1.0 s now. On v1
+  data, trained 44 minutes with vision batches of 16 and the glyph head weighted 3, it reached 93.6 %; 96 wide it
+  got fewer steps and did worse. On v2 (textured backgrounds) the 64-wide tower read few glyphs (80-83 % overall)
+  and the bundled `synth-qwen2_5_vl` is 96 wide (`vision_width=96`, 96.6 %).
 * ``llava_onevision``: `LlavaOnevisionForConditionalGeneration`, SigLIP tower on 96 px tiles (16 px patches, 6x6 per
   tile), anyres grid up to 2x2 tiles plus the base image and one newline token per row, Qwen2 LLM of 8 layers.
 
