@@ -44,8 +44,9 @@ from .vision_phase import pretrain_vision, tower_parameters
 @dataclass
 class TrainConfig:
     family: str = "llava"
-    data_version: str = "v1"  # dataset version (scene style) and LLM size (architectures.TEXT): "v1" (the shipped
-    # bundles, so that their recorded commands still rebuild them) or "v2"
+    data_version: str = "v1"  # dataset version (scene style) and LLM size (architectures.TEXT): "v1" or "v2" (all
+    # shipped bundles; their recorded commands pass --data-version v2). v1 stays the default: its 8-layer LLM keeps
+    # the training tests fast
     vision_width: int = 0  # tower width (architectures.build); 0 = the family's default
     arch: str = ""  # LLM size of another version (architectures.TEXT) for experiments; "" = data_version's
     global_weight: float | None = None  # image-level objective on the tower's global vector (global_heads.py);
