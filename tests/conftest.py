@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tokenzip.testing.tiny import TinyVLM, dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+from tokenzip.tiny import TinyVLM, dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 

@@ -7,8 +7,8 @@ import torch
 from conftest import get_tiny, image_inputs
 
 import tokenzip
-from tokenzip.testing.reference import cached_greedy
-from tokenzip.testing.tiny import tiny_llava
+from tokenzip.reference import cached_greedy
+from tokenzip.tiny import tiny_llava
 
 
 def logits(vlm, inputs) -> torch.Tensor:

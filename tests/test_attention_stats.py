@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from tokenzip.synthetic import sample
-from tokenzip.synthetic.architectures import RENDER_SIDE
 from tokenzip.synthetic.attention_stats import (
     _Capture,
     measure,
@@ -24,8 +23,9 @@ from tokenzip.synthetic.attention_stats import (
     qwen_tower_raster,
     sample_masses,
 )
+from tokenzip.synthetic.dataset import RENDER_SIDE
 from tokenzip.synthetic.truth import coverage, needed_raster
-from tokenzip.testing.tiny import tiny
+from tokenzip.tiny import tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import FAMILIES, POLICY_CASES, apply_case, get_tiny, image_inputs
 
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import tiny
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.tiny import tiny
 
 
 def _device_map(model, offloaded: set[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from conftest import oracle_truth
 
 import tokenzip
-from tokenzip.testing.tiny import TinyVLM, dummy_image, tiny
+from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 POLICIES = tuple(tokenzip.list_policies())

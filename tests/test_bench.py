@@ -149,7 +149,7 @@ def test_bundled_qwen_and_onevision_models_get_a_processor_without_torchvision(n
     import importlib.util
 
     from tokenzip.loading import load_vlm
-    from tokenzip.testing.tiny import dummy_image
+    from tokenzip.tiny import dummy_image
 
     bm = load_model(name)
     work = Workload(images=1, batch=2, image_size=(96, 96))

@@ -24,7 +24,7 @@ from tokenzip.errors import BudgetError
 from tokenzip.items import GridPart, ItemShape
 from tokenzip.policies.atp import ATPPolicy, atp_floor, atp_schedule, default_prune_layers, stage_widths
 from tokenzip.policies.pool import check_pool_budget, pooled_total
-from tokenzip.testing.tiny import dummy_image, tiny
+from tokenzip.tiny import dummy_image, tiny
 
 POLICIES = tuple(tokenzip.list_policies())
 KEEPS = (0.111, 0.222, 0.333, 3)

@@ -81,7 +81,7 @@ def test_bench_prints_a_line_per_row_when_not_a_terminal(tmp_path):
 
 @pytest.mark.parametrize(("model", "labels"), [("tiny-llava", ["image"]), ("tiny-llava_onevision", None)])
 def test_show_prints_answer_and_counts_and_writes_a_labelled_figure(tmp_path, model, labels):
-    from tokenzip.testing.tiny import dummy_image
+    from tokenzip.tiny import dummy_image
     from tokenzip.viz import panel_labels
 
     image = tmp_path / "img.png"
@@ -98,7 +98,7 @@ def test_show_prints_answer_and_counts_and_writes_a_labelled_figure(tmp_path, mo
     picture = Image.open(out)
     assert picture.width >= 512 and picture.height >= 256
     if labels is None:  # OneVision anyres: the base image, then the high-resolution tiles
-        from tokenzip.testing.tiny import tiny
+        from tokenzip.tiny import tiny
 
         vlm = tiny("llava_onevision")
         with tokenzip.apply(vlm.model, "pool", 0.25) as patch:

@@ -12,8 +12,8 @@ from conftest import FAMILIES, POLICY_CASES, apply_case, assert_identity_and_res
 
 from tokenzip.engine.accounting import measure_flops
 from tokenzip.flops import breakdown_of_record
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import TinyVLM, tiny
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.tiny import TinyVLM, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 

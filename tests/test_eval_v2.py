@@ -28,7 +28,7 @@ from tokenzip.evaluation.grid import (
     write,
 )
 from tokenzip.synthetic import CATEGORIES, SPLITS, VIDEO_FRAMES, VIDEO_SIDE, VIDEO_TEST, sample, video_sample
-from tokenzip.synthetic.architectures import RENDER_SIDE
+from tokenzip.synthetic.dataset import RENDER_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -147,7 +147,7 @@ def test_sample_flops_match_the_batch_breakdown(policy):
     """Per-sample FLOPs of the lmms-eval logs: at batch size 1 they equal the record's analytic breakdown; the
     unpatched model has ratio 1 exactly."""
     from tokenzip.flops import breakdown_of_record, sample_flops
-    from tokenzip.testing.tiny import dummy_image, tiny
+    from tokenzip.tiny import dummy_image, tiny
 
     vlm = tiny("llava")
     inputs = vlm.inputs([dummy_image()], vlm.prompt())

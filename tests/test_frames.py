@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from tokenzip.frames import expand_placeholders, processor_inputs, video_inputs
-from tokenzip.testing.tiny import tiny
+from tokenzip.tiny import tiny
 
 
 def frame(seed: int, side: int = 112) -> Image.Image:

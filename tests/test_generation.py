@@ -24,7 +24,7 @@ from conftest import (
 )
 
 import tokenzip
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
 
 STEPS = 4
 KEEPS = (0.5, 0.25, 0.11)

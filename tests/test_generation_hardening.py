@@ -25,8 +25,8 @@ from transformers.utils import generic as hf_generic
 
 import tokenzip
 from tokenzip.errors import UnsupportedInputError
-from tokenzip.testing.reference import _suppress, extend_inputs, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import TinyVLM, dummy_image, tiny
+from tokenzip.reference import _suppress, extend_inputs, greedy_tokens, uncached_logits
+from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
 ATOL = 1e-4
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tokenzip
-from tokenzip.testing.tiny import dummy_image, ov_video_inputs, tiny_llava, tiny_llava_ov
+from tokenzip.tiny import dummy_image, ov_video_inputs, tiny_llava, tiny_llava_ov
 
 
 class _ExactRMSNorm(torch.nn.Module):

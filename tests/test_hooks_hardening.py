@@ -17,7 +17,7 @@ import torch
 import tokenzip
 from tokenzip.errors import UnsupportedInputError
 from tokenzip.policies.holov import holov_select, redistribute
-from tokenzip.testing.tiny import TinyVLM, dummy_image, tiny
+from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 

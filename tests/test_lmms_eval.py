@@ -20,8 +20,9 @@ else:
 
 from tokenzip.evaluation import tasks_path
 from tokenzip.synthetic import sample
-from tokenzip.synthetic.architectures import RENDER_SIDE, build
+from tokenzip.synthetic.dataset import RENDER_SIDE
 from tokenzip.synthetic.evaluate import answers as direct_answers
+from training.architectures import build
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,8 +10,8 @@ from conftest import get_tiny
 
 import tokenzip
 from tokenzip.errors import PolicyOptionError, UnknownPolicyError
-from tokenzip.policies.base import Bool, Choice, Float, Int, Option, Policy, Tuple
-from tokenzip.policies.registry import get_policy_class
+from tokenzip.policies.base import Bool, Choice, Float, Int, Option, Policy, Tuple, option_of
+from tokenzip.policies.registry import get_policy_class, register
 
 POLICIES = (
     "atp", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random", "visiondrop",
@@ -75,7 +76,7 @@ def bad_values(spec: Option) -> list:
 def option_cases() -> list:
     cases = []
     for name in POLICIES:
-        for option, spec in get_policy_class(name).options_spec.items():
+        for option, spec in get_policy_class(name).option_specs().items():
             for value in bad_values(spec):
                 cases.append(pytest.param(name, option, value, id=f"{name}-{option}-{value!r}"))
     return cases
@@ -85,7 +86,7 @@ def default_cases() -> list:
     return [
         pytest.param(name, option, id=f"{name}-{option}")
         for name in POLICIES
-        for option in get_policy_class(name).options_spec
+        for option in get_policy_class(name).option_specs()
     ]
 
 
@@ -96,10 +97,14 @@ def test_the_list_covers_every_registered_policy():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_option_is_declared(policy):
     cls = get_policy_class(policy)
-    assert set(cls.options_spec) == set(cls.defaults), "options without a declaration are not checked"
-    for option, spec in cls.options_spec.items():
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(cls.option_specs()) == fields, "fields without a declaration are not checked"
+    assert cls.__dataclass_params__.frozen, "a policy must be frozen (per-model state goes in Plan.state)"
+    for option, spec in cls.option_specs().items():
         assert isinstance(spec, Option), option
         assert spec.kind != "tuple" or isinstance(spec.item, Option), option
+        assert option in (cls.__doc__ or ""), f"help({cls.__name__}) does not list {option}"
+    assert repr(cls()).startswith(f"{cls.__name__}("), "the repr shows the options"
 
 
 @pytest.mark.parametrize(("policy", "option", "value"), option_cases())
@@ -115,7 +120,7 @@ def test_a_bad_option_value_is_refused_at_apply(policy, option, value):
 @pytest.mark.parametrize(("policy", "option"), default_cases())
 def test_the_default_of_every_option_is_accepted(policy, option):
     vlm = get_tiny("llava", "sdpa")
-    spec = get_policy_class(policy).options_spec[option]
+    spec = get_policy_class(policy).option_specs()[option]
     with tokenzip.apply(vlm.model, policy, 0.5, **{option: spec.default}) as patch:
         assert patch.policy.options[option] == spec.default
     assert tokenzip.current_patch(vlm.model) is None
@@ -135,32 +140,75 @@ def test_unknown_option_names_list_the_allowed_ones():
 
 
 def test_declarations_normalise_values():
-    assert Float(0.5, ge=0).check("p", "x", 1) == 1.0 and isinstance(Float(0.5).check("p", "x", 1), float)
-    assert Tuple((1, 2), Int(1, ge=1), increasing=True).check("p", "t", [1, 3]) == (1, 3)
-    assert Tuple((0.5,), Float(0.5, gt=0, le=1)).check("p", "t", [1]) == (1.0,)
-    assert Int(None, ge=1, none=True).check("p", "x", None) is None
-    assert Float(0.5, gt=0, le=1).check("p", "x", 1.0) == 1.0  # bounds are inclusive / exclusive as declared
+    def check(field, value, name="x"):
+        return option_of(field).check("p", name, value)
+
+    assert check(Float(0.5, ge=0), 1) == 1.0 and isinstance(check(Float(0.5), 1), float)
+    assert check(Tuple((1, 2), Int(1, ge=1), increasing=True), [1, 3]) == (1, 3)
+    assert check(Tuple((0.5,), Float(0.5, gt=0, le=1)), [1]) == (1.0,)
+    assert check(Int(None, ge=1, none=True), None) is None
+    assert check(Float(0.5, gt=0, le=1), 1.0) == 1.0  # bounds are inclusive / exclusive as declared
     with pytest.raises(PolicyOptionError, match="> 0"):
-        Float(0.5, gt=0, le=1).check("p", "x", 0.0)
-    assert Choice("a", ("a", "b")).check("p", "c", "b") == "b"
+        check(Float(0.5, gt=0, le=1), 0.0)
+    assert check(Choice("a", ("a", "b")), "b") == "b"
     with pytest.raises(PolicyOptionError):
-        Choice(1, (1, 2)).check("p", "c", True)  # compared by type too: True is not 1
-    assert Bool(True).check("p", "b", False) is False
-    assert math.isclose(Float(0.1, ge=0).check("p", "x", 0.25), 0.25)
+        check(Choice(1, (1, 2)), True)  # compared by type too: True is not 1
+    assert check(Bool(True), False) is False
+    assert math.isclose(check(Float(0.1, ge=0), 0.25), 0.25)
+    with pytest.raises(PolicyOptionError, match="not available: because"):
+        check(Choice("a", ("a",), refused={"b": "because"}), "b")
 
 
-def test_a_wrong_declaration_fails_when_the_class_is_created():
+def test_a_wrong_declaration_fails_at_registration():
+    @dataclasses.dataclass(frozen=True)
+    class Broken(Policy):
+        name = "broken"
+        alpha: float = Float(-1.0, ge=0)
+
     with pytest.raises(PolicyOptionError, match="alpha"):
+        register(Broken)
 
-        class Broken(Policy):
-            name = "broken"
-            options_spec = {"alpha": Float(-1.0, ge=0)}  # noqa: RUF012
+
+def test_a_policy_class_that_is_not_a_frozen_dataclass_of_options_is_refused_at_registration():
+    class NoDataclass(Policy):
+        name = "no_dataclass"
+
+    with pytest.raises(TypeError, match="non-frozen"):  # a mutable policy dataclass: dataclasses refuse it
+
+        @dataclasses.dataclass
+        class NotFrozen(Policy):
+            name = "not_frozen"
+
+    @dataclasses.dataclass(frozen=True)
+    class Undeclared(Policy):
+        name = "undeclared"
+        alpha: float = 0.1  # no Float(...): its values would not be checked
+
+    for cls, match in ((NoDataclass, "@dataclass"), (Undeclared, "without an option declaration")):
+        with pytest.raises(TypeError, match=match):
+            register(cls)
+    assert "no_dataclass" not in tokenzip.list_policies() and "undeclared" not in tokenzip.list_policies()
 
 
 def test_defaults_are_derived_from_the_declarations():
     cls = get_policy_class("hiprune")
-    assert cls.defaults == {option: spec.default for option, spec in cls.options_spec.items()}
+    assert cls.option_defaults() == {option: spec.default for option, spec in cls.option_specs().items()}
+    assert cls().options == cls.option_defaults()
     assert "alpha" in cls.option_help() and "finite number" in cls.option_help()["alpha"]
+
+
+def test_options_are_keyword_only_and_frozen():
+    cls = get_policy_class("hiprune")
+    with pytest.raises(PolicyOptionError, match="by keyword"):
+        cls(0.2)
+    policy = cls(alpha=0.2)
+    assert policy.alpha == 0.2 and policy == cls(alpha=0.2) and hash(policy) == hash(cls(alpha=0.2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.alpha = 0.3
+    with pytest.raises(TypeError):
+        policy.options["alpha"] = 0.3  # a read-only view
+    with pytest.raises(PolicyOptionError, match="alpha=inf"):
+        dataclasses.replace(policy, alpha=float("inf"))  # a changed copy is checked again
 
 
 @pytest.mark.parametrize(

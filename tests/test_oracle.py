@@ -15,7 +15,7 @@ from tokenzip.items import GridPart, ItemShape, VisualItem
 from tokenzip.policies.oracle import OraclePolicy, ground_truth, item_coverage, oracle_choice
 from tokenzip.synthetic import sample, video_sample
 from tokenzip.synthetic.truth import RASTER, coverage, doc_truth, needed_raster
-from tokenzip.testing.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+from tokenzip.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 

@@ -26,7 +26,7 @@ from tokenzip.policies.atp import (
     mass_prefix,
     spatial_mask,
 )
-from tokenzip.testing.reference import cached_greedy
+from tokenzip.reference import cached_greedy
 
 
 def reference(rows, visual, text, spatial, schedule, count=None, mass=None, z_beta=None, n_min=1):

@@ -19,7 +19,7 @@ from tokenzip.items import GridPart, ItemShape, VisualItem
 from tokenzip.policies.hiprune import HiPrunePolicy
 from tokenzip.policies.holov import HoloVPolicy
 from tokenzip.policies.visiondrop import VisionDropPolicy
-from tokenzip.testing.tiny import dummy_image, tiny_llava, tiny_qwen25vl
+from tokenzip.tiny import dummy_image, tiny_llava, tiny_qwen25vl
 
 SPEC_KEEPS = {0.111: 64, 0.222: 128, 0.333: 192}
 VISIONDROP_576 = {  # spec §9.7: per-stage counts, blocks of 8 layers of a 32-layer LLM
@@ -121,17 +121,17 @@ def test_onevision_anyres_counts(keep):
     n = shape.n_content  # 729 + 54 * 48
     budget = round(keep * n)
     policy = HiPrunePolicy()
-    policy.plan(ov_info(), keep)
+    ctx.state = policy.plan(ov_info(), keep).state
     sel = policy.select_pre_llm(ctx)
     k_base = round(budget * 729 / n)
     assert int((sel.keep < 729).sum()) == k_base
     assert int(shape.content_mask()[sel.keep].sum()) == budget
     assert not bool(shape.newline_mask()[sel.keep].any())  # newlines dropped by default
     holov = HoloVPolicy()
-    holov.plan(ov_info(), keep)
+    ctx.state = holov.plan(ov_info(), keep).state
     sel = holov.select_pre_llm(ctx)
     assert sel.keep.numel() == budget and sel.padding == 0
     visiondrop = VisionDropPolicy()
-    visiondrop.plan(ov_info(), keep)
+    ctx.state = visiondrop.plan(ov_info(), keep).state
     sel = visiondrop.select_pre_llm(ctx)
     assert sel.keep.numel() == round(1.5 * budget)

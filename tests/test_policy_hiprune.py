@@ -21,7 +21,7 @@ from tokenzip.adapters import get_adapter
 from tokenzip.adapters.base import ModelInfo
 from tokenzip.errors import PolicyOptionError
 from tokenzip.policies.hiprune import default_layers, grid_neighbours, hiprune_select
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
 
 MODES = [("flat", "minus_one"), ("grid", "mask"), ("flat", "mask"), ("grid", "minus_one")]
 OFFICIAL, FIXED = MODES[0], MODES[1]

@@ -47,8 +47,8 @@ from tokenzip.policies.holitom import (
     segment_frames,
     temporal_similarity,
 )
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import ov_video_inputs, qwen_video_inputs
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.tiny import ov_video_inputs, qwen_video_inputs
 
 # --------------------------------------------------------------------------------------------------------------
 # The spec's §9 reference, one element at a time
@@ -664,13 +664,12 @@ def test_one_shot_image_budget_is_exact(keep):
     want = item_budget(keep, 196)
     policy = HoliTomPolicy(inner=False)
     nominal = policy.nominal(info, shape, keep).tokens
-    policy.plan(info, keep)
+    state = policy.plan(info, keep).state
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(196, generator=g)
     item = VisualItem(shape, 0, 0, 0, 0)
-    ctx = PreLLMItem(
-        item, torch.randn(196, 8, generator=g), torch.arange(196), keep, {VisionSignal("received", 25).key: scores}
-    )
+    signals = {VisionSignal("received", 25).key: scores}
+    ctx = PreLLMItem(item, torch.randn(196, 8, generator=g), torch.arange(196), keep, signals, state=state)
     selection = policy.select_pre_llm(ctx)
     assert selection.keep.tolist() == sorted(ref_topk(scores.tolist(), want))
     assert nominal == [want] * 28
@@ -682,8 +681,7 @@ def test_tau_switches_at_rho_0_10():
 
     def tau_of(keep, **options):
         policy = HoliTomPolicy(**options)
-        policy.plan(info, keep)
-        return policy._ratios(keep, 6272)
+        return policy._ratios(policy.plan(info, keep).state, keep, 6272)
 
     assert tau_of(0.5, rho=0.10)[:2] == (0.10, 0.65)
     assert tau_of(0.5, rho=math.nextafter(0.10, 1.0))[1] == 0.80

@@ -32,8 +32,8 @@ from tokenzip.policies.holov import (
     holov_select,
     redistribute,
 )
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
 from tokenzip.signals import encoder_attention_rows, qwen_vision_attention_received
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
 
 EPS = 1e-6
 BETA = 0.09
@@ -310,7 +310,7 @@ def window_index(h: int, w: int, window_size: int = 112) -> torch.Tensor:
 
 
 def select_item(policy, window: torch.Tensor, raster_scores, embeds, before, keep):
-    policy.plan(QWEN_INFO, keep)
+    state = policy.plan(QWEN_INFO, keep).state
     n = window.numel()
     shape = ItemShape("image", (GridPart(0, 1, 1, n),), window_order=window)
     ctx = PreLLMItem(
@@ -320,6 +320,7 @@ def select_item(policy, window: torch.Tensor, raster_scores, embeds, before, kee
         keep,
         {"vision.received@3": raster_scores},
         before,
+        state=state,
     )
     return policy.select_pre_llm(ctx)
 
@@ -405,7 +406,7 @@ class SteeredHoloV(HoloVPolicy):
         self.make = make
 
     def select_pre_llm(self, ctx):
-        ctx.signals = {**ctx.signals, self._signal.key: self.make(ctx)}
+        ctx.signals = {**ctx.signals, ctx.state.signal.key: self.make(ctx)}
         return super().select_pre_llm(ctx)
 
 
@@ -679,8 +680,8 @@ def test_options_and_family_defaults():
     policy = HoloVPolicy()
     for family, compat in (("llava", "official"), ("qwen2_5_vl", "fixed"), ("llava_onevision", "fixed")):
         info = ModelInfo(family, 24, 4, 2, family == "llava", "sdpa", family != "qwen2_5_vl", False)
-        policy.plan(info, 0.5)
-        assert policy.compat() == compat
+        assert policy.rules(info) == compat
+        assert policy.plan(info, 0.5).state.official == (compat == "official")
     assert HoloVPolicy(compat="official").options["compat"] == "official"
 
 

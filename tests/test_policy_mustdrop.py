@@ -37,8 +37,8 @@ from tokenzip.policies.mustdrop import (
     window_index,
     window_similarity,
 )
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import TinyVLM, dummy_image, tiny
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
 OFFICIAL_LAYERS = (2, 6, 10, 14)
 

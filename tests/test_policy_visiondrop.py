@@ -23,7 +23,7 @@ from tokenzip.policies.visiondrop import (
     stage_split,
     visiondrop_schedule,
 )
-from tokenzip.testing.reference import cached_greedy
+from tokenzip.reference import cached_greedy
 
 
 def reference_merge(x: torch.Tensor, metric: torch.Tensor, dominant: list[int], c: int):
@@ -122,12 +122,13 @@ def test_video_schedule_example():
 
 def test_stage_one_on_llava_keeps_cls_first_and_dominant_in_order():
     policy = VisionDropPolicy()
-    policy.plan(get_adapter(get_tiny("llava", "sdpa").model).info(), 0.5)
+    state = policy.plan(get_adapter(get_tiny("llava", "sdpa").model).info(), 0.5).state
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 65, 32, generator=g)
     cls = torch.rand(2, 65, generator=g)
     keys = torch.randn(2, 65, 16, generator=g)
-    ctx = ProjectorInputContext(hidden, {policy._score.key: cls, policy._metric.key: keys}, 0.5, [0, 1], True)
+    signals = {state.score.key: cls, state.metric.key: keys}
+    ctx = ProjectorInputContext(hidden, signals, 0.5, [0, 1], True, state=state)
     for r, sel in enumerate(policy.select_projector_input(ctx)):
         count = visiondrop_schedule(32, 65, 24, default_boundaries(24))[0]
         d, c = stage_split(count)
@@ -261,15 +262,16 @@ def test_compat_sets_the_official_or_fixed_forms(options, cls, score_dtype):
     """compat="official": CLS in the LLM and half-precision scoring (the released code's fp16 cast); "fixed": no
     CLS (index 0 of the feature layer never selected), float32 scores."""
     policy = VisionDropPolicy(**options)
-    assert policy.score_dtype == score_dtype
-    policy.plan(get_adapter(get_tiny("llava", "sdpa").model).info(), 0.5)
-    assert policy._score.score_dtype == score_dtype  # the CLS-row signal the engine computes
+    state = policy.plan(get_adapter(get_tiny("llava", "sdpa").model).info(), 0.5).state
+    assert state.score_dtype == score_dtype
+    assert state.score.score_dtype == score_dtype  # the CLS-row signal the engine computes
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 65, 32, generator=g)
     scores = torch.rand(1, 65, generator=g)
     scores[0, 0] = 1.0  # CLS attends to itself most: a scored CLS would be dominant
     keys = torch.randn(1, 65, 16, generator=g)
-    ctx = ProjectorInputContext(hidden, {policy._score.key: scores, policy._metric.key: keys}, 0.5, [0], True)
+    signals = {state.score.key: scores, state.metric.key: keys}
+    ctx = ProjectorInputContext(hidden, signals, 0.5, [0], True, state=state)
     (sel,) = policy.select_projector_input(ctx)
     assert (0 in sel.keep.tolist()) == cls
     assert sel.keep.numel() == visiondrop_schedule(32, 64 + int(cls), 24, default_boundaries(24))[0]

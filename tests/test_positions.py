@@ -12,7 +12,7 @@ from conftest import get_tiny, image_inputs
 
 import tokenzip
 from tokenzip.adapters import get_adapter
-from tokenzip.testing.reference import cached_greedy
+from tokenzip.reference import cached_greedy
 
 
 def record_positions(module: torch.nn.Module, call) -> list[torch.Tensor]:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import FAMILIES, POLICY_CASES, apply_case, image_inputs
 
-from tokenzip.testing.reference import cached_greedy, greedy_tokens, uncached_logits
-from tokenzip.testing.tiny import TinyVLM, tiny
+from tokenzip.reference import cached_greedy, greedy_tokens, uncached_logits
+from tokenzip.tiny import TinyVLM, tiny
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,

@@ -17,7 +17,7 @@ from tokenzip.budget import item_budget
 from tokenzip.ops.pool import pooled_grid_shape
 from tokenzip.policies.common import split_budget
 from tokenzip.policies.fastv import fastv_count
-from tokenzip.testing.tiny import dummy_image
+from tokenzip.tiny import dummy_image
 
 KEEPS = (0.5, 0.25, 0.11)
 

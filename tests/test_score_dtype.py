@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import tokenzip
-import tokenzip.engine.runtime as runtime
+import tokenzip.adapters.base as adapters_base
+import tokenzip.engine.llm_stage as llm_stage
 from tokenzip.errors import PolicyOptionError
 from tokenzip.policies.registry import get_policy_class
 from tokenzip.signals.attention import decoder_attention_received, encoder_attention_received, encoder_attention_rows
-from tokenzip.testing.tiny import dummy_image, tiny_llava
+from tokenzip.tiny import dummy_image, tiny_llava
 
 LAYER = 3  # decoder layer scored (a VisionDrop stage boundary of an 8-layer LLM is 2, 4 or 6: any layer works)
 VISION_LAYER = 2  # the tiny CLIP's feature layer (-2 of 4)
@@ -123,14 +124,18 @@ def test_bad_score_dtype_is_refused():
 def test_policies_pass_score_dtype_to_every_attention_score(monkeypatch, policy, options, expected):
     """Every attention score a policy computes (vision tower and LLM stages) uses the policy's score_dtype."""
     seen: list[str] = []
-    for name in ("encoder_attention_rows", "encoder_attention_received", "decoder_attention_received"):
-        original = getattr(runtime, name)
+    for module, name in (
+        (adapters_base, "encoder_attention_rows"),  # where the engine computes them
+        (adapters_base, "encoder_attention_received"),
+        (llm_stage, "decoder_attention_received"),
+    ):
+        original = getattr(module, name)
 
         def spy(*args, _original=original, **kwargs):
             seen.append(kwargs.get("score_dtype", args[4] if len(args) > 4 else "float32"))
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(runtime, name, spy)
+        monkeypatch.setattr(module, name, spy)
     vlm = tiny_llava(text_layers=8, dtype=torch.bfloat16)
     inputs = vlm.inputs([dummy_image()], vlm.prompt())
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)

@@ -22,7 +22,7 @@ from tokenzip.signals import (
     encoder_attention_rows,
     qwen_vision_attention_received,
 )
-from tokenzip.testing.tiny import dummy_image
+from tokenzip.tiny import dummy_image
 
 ATOL = 1e-5
 

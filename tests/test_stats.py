@@ -18,7 +18,7 @@ from tokenzip.budget import item_budget
 from tokenzip.engine.state import ForwardRecord, ItemRecord, PatchStats, SampleRecord
 from tokenzip.engine.summary import SELECTION_STAGES, SampleSummary, format_flops, selection_stages
 from tokenzip.flops import DecoderDims, VisionDims, breakdown_of_record, projector_flops
-from tokenzip.testing.tiny import dummy_image, tiny_llava
+from tokenzip.tiny import dummy_image, tiny_llava
 
 POLICIES = sorted(tokenzip.list_policies())
 KEEP = 0.5
@@ -203,7 +203,7 @@ def test_readme_30_second_example_runs_as_written():
 def test_other_families_price_the_unpruned_prompt_as_none_runs_it(family):
     """Qwen2.5-VL (windowed tower, merger) and OneVision (anyres tiles, newlines): the unpruned FLOPs of a pruned
     run are those measured with policy none, and the budget counts grid tokens only."""
-    from tokenzip.testing.tiny import tiny
+    from tokenzip.tiny import tiny
 
     vlm = tiny(family, text_layers=8)
     inputs = vlm.inputs([dummy_image()], vlm.prompt())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenzip.synthetic.budget import StepBudget
+from training.budget import StepBudget
 
 
 class Clock:
@@ -26,13 +26,13 @@ def run(budget: StepBudget, clock: Clock, step_seconds: float) -> int:
 
 def test_steps_fit_the_budget(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("tokenzip.synthetic.budget.time.perf_counter", clock)
+    monkeypatch.setattr("training.budget.time.perf_counter", clock)
     steps = run(StepBudget(100.0, 10_000, every=20), clock, 0.5)
     assert steps == 200
 
 
 def test_budget_spent_before_the_first_estimate_still_ends(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("tokenzip.synthetic.budget.time.perf_counter", clock)
+    monkeypatch.setattr("training.budget.time.perf_counter", clock)
     steps = run(StepBudget(10.0, 10_000, every=20), clock, 3.0)
     assert steps == 4  # 4 steps x 3 s is the first time past 10 s; before the fix it ran all 10,000

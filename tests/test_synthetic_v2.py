@@ -16,10 +16,10 @@ import torch
 
 from tokenzip.synthetic import sample, video_sample
 from tokenzip.synthetic.dataset import VIDEO_FRAMES
-from tokenzip.synthetic.global_heads import PAIRS, GlobalHeads, GlobalTap, scene_targets
 from tokenzip.synthetic.questions import NUMBER_WORDS
 from tokenzip.synthetic.scenes import COLORS, STYLES, Glyph, Obj, Scene, random_scene, render
 from tokenzip.synthetic.truth import coverage, informative_share, needed, needed_raster, raster, video_needed
+from training.global_heads import PAIRS, GlobalHeads, GlobalTap, scene_targets
 
 
 def test_v2_needed_content_covers_a_small_part_of_the_llava_grid():
@@ -122,8 +122,8 @@ def test_global_targets_describe_the_scene():
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
 def test_global_tap_gives_one_vector_per_image_and_the_loss_reaches_the_tower(family):
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.vision_phase import image_batch
+    from training.architectures import build
+    from training.vision_phase import image_batch
 
     torch.manual_seed(0)
     model, processor = build(family, 0, "v2")
@@ -145,8 +145,9 @@ def test_v2_llm_is_deep_enough_for_the_default_schedules(policy):
     """FastV at layer 2 needs >= 19 decoder layers to average 16 of 144 tokens; ATP's default layers need 20 here."""
     import tokenzip
     from tokenzip.bench.checks import check_sample
-    from tokenzip.synthetic.architectures import RENDER_SIDE, build
+    from tokenzip.synthetic.dataset import RENDER_SIDE
     from tokenzip.synthetic.evaluate import messages_for
+    from training.architectures import build
 
     torch.manual_seed(0)
     model, processor = build("llava", 0, "v2")
@@ -163,8 +164,8 @@ def test_v2_llm_is_deep_enough_for_the_default_schedules(policy):
 def test_a_few_v2_steps_train_with_the_image_level_objective(tmp_path):
     import json
 
-    from tokenzip.synthetic.architectures import TEXT
-    from tokenzip.synthetic.train import TrainConfig, train
+    from training.architectures import TEXT
+    from training.train import TrainConfig, train
 
     cfg = TrainConfig(
         family="llava",
@@ -192,7 +193,7 @@ def test_v2_cells_show_what_covers_a_quarter_of_them(index):
     """v2 objects are about one patch wide: a cell is labelled (dense heads, attention targets) with what covers at
     least a quarter of its area, measured here independently on the truth raster, and always with the object
     holding its centre; v1 keeps the cell-centre rule."""
-    from tokenzip.synthetic.dense import LABEL_COVER, cell_labels, covered, object_cells
+    from training.dense import LABEL_COVER, cell_labels, covered, object_cells
 
     scene = sample("train", index, version="v2").scene
     labels = cell_labels(scene, 12, 12)
@@ -217,7 +218,7 @@ def test_v2_cells_show_what_covers_a_quarter_of_them(index):
 
 
 def test_v1_cells_keep_the_centre_rule():
-    from tokenzip.synthetic.dense import cell_labels, inside
+    from training.dense import cell_labels, inside
 
     scene = sample("train", 4).scene
     centres = (torch.arange(12, dtype=torch.float64) + 0.5) / 12
@@ -231,7 +232,7 @@ def test_v1_cells_keep_the_centre_rule():
 
 
 def test_recipe_fills_only_what_is_left_open():
-    from tokenzip.synthetic.train import RECIPE, TrainConfig, resolve_recipe
+    from training.train import RECIPE, TrainConfig, resolve_recipe
 
     assert resolve_recipe(TrainConfig()).warmup == RECIPE["v1"]["warmup"]
     v2 = resolve_recipe(TrainConfig(data_version="v2", warmup=7, zero_residual=False))
@@ -243,8 +244,8 @@ def test_recipe_fills_only_what_is_left_open():
 def test_zero_residual_layers_start_as_the_identity():
     """After `zero_residual_projections` every decoder layer passes its input through unchanged (the hidden states
     of all layers equal the input embeddings), and one update makes the layers contribute again."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.train import zero_residual_projections
+    from training.architectures import build
+    from training.train import zero_residual_projections
 
     model, _ = build("llava", 0, "v2")
     zero_residual_projections(model)
@@ -260,7 +261,7 @@ def test_zero_residual_layers_start_as_the_identity():
 
 def test_training_command_line_reaches_the_config(monkeypatch):
     """Every recipe knob the v2 commands use is a flag; left out, the recipe's None stays for `resolve_recipe`."""
-    import tokenzip.synthetic.train as training
+    import training.train as training
 
     seen = []
     monkeypatch.setattr(training, "train", lambda cfg, out: seen.append(cfg))

@@ -13,7 +13,7 @@ from conftest import oracle_truth
 import tokenzip
 from tokenzip.budget import item_budget
 from tokenzip.ops.pool import pool_grid, pooled_grid_shape
-from tokenzip.testing.tiny import dummy_image, tiny
+from tokenzip.tiny import dummy_image, tiny
 
 # Qwen2.5-VL's processor refuses aspect ratios >= 200 (as for the unpatched model): its thinnest images are used
 SIZES = {

@@ -1,4 +1,4 @@
-"""Context dropout of the v2 training recipe (`tokenzip.synthetic.token_dropout`): it only ever hides tokens the
+"""Context dropout of the v2 training recipe (`training.token_dropout`): it only ever hides tokens the
 asked questions do not need, and a masked forward is exactly the forward of the pruned sequence (compact positions
 for LLaVA, original M-RoPE ids for Qwen2.5-VL)."""
 
@@ -13,8 +13,8 @@ from tokenzip.synthetic import sample
 from tokenzip.synthetic.conversations import extra_questions
 from tokenzip.synthetic.questions import Question
 from tokenzip.synthetic.scenes import Obj, Scene
-from tokenzip.synthetic.token_dropout import MAX_TURNS, context_plan, dropout_mask, unneeded_cells
 from tokenzip.synthetic.truth import needed, raster
+from training.token_dropout import MAX_TURNS, context_plan, dropout_mask, unneeded_cells
 
 
 @pytest.mark.parametrize("index", range(0, 30, 4))
@@ -70,9 +70,9 @@ def test_dropout_hides_only_unneeded_visual_tokens():
 
 
 def test_a_planned_conversation_asks_only_its_first_questions():
-    from tokenzip.synthetic.architectures import build
     from tokenzip.synthetic.conversations import ASSISTANT_MARKER
-    from tokenzip.synthetic.train import TrainConfig, training_batch
+    from training.architectures import build
+    from training.train import TrainConfig, training_batch
 
     _, processor = build("llava", 0, "v2")
     cfg = TrainConfig(data_version="v2", extra_turns=6)
@@ -85,8 +85,8 @@ def test_a_planned_conversation_asks_only_its_first_questions():
 def test_masked_forward_with_compact_positions_is_the_pruned_forward():
     """What the training step computes for a dropped-out sample equals what the LLM computes on the sequence with
     those tokens removed and renumbered, as the compact pre-LLM runtime feeds it (LLaVA)."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.token_dropout import position_ids
+    from training.architectures import build
+    from training.token_dropout import position_ids
 
     torch.manual_seed(0)
     model, _ = build("llava", 0, "v2")
@@ -105,8 +105,8 @@ def test_masked_forward_with_compact_positions_is_the_pruned_forward():
 
 def test_teacher_ignores_masked_keys():
     """The attention teacher scores the attention the forward really computes: masked keys get no mass."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.attention_teacher import AttentionTeacher
+    from training.architectures import build
+    from training.attention_teacher import AttentionTeacher
 
     torch.manual_seed(0)
     model, _ = build("llava", 0, "v2")
@@ -130,9 +130,9 @@ def test_teacher_ignores_masked_keys():
 def test_qwen_masked_forward_keeps_the_mrope_ids_of_the_pruned_forward():
     """Qwen2.5-VL: the ids `position_ids` gives are the model's own, and a masked forward with them equals the
     LLM's forward on the kept tokens with their original M-RoPE ids gathered, as the runtime feeds them."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.token_dropout import position_ids
-    from tokenzip.synthetic.train import TrainConfig, training_batch, visual_grids
+    from training.architectures import build
+    from training.token_dropout import position_ids
+    from training.train import TrainConfig, training_batch, visual_grids
 
     torch.manual_seed(0)
     model, processor = build("qwen2_5_vl", 0, "v2")

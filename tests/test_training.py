@@ -12,7 +12,7 @@ from tokenzip.loading import load_vlm
 from tokenzip.synthetic import CATEGORIES, sample
 from tokenzip.synthetic.conversations import extra_questions, messages
 from tokenzip.synthetic.questions import NUMBER_WORDS
-from tokenzip.synthetic.train import ASSISTANT_MARKER, TrainConfig, answer_mask, train, training_batch
+from training.train import ASSISTANT_MARKER, TrainConfig, answer_mask, train, training_batch
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 
@@ -51,7 +51,7 @@ def test_extra_questions_are_answered_by_the_unchanged_scene(index):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_batch_labels_exactly_the_answers(family):
-    from tokenzip.synthetic.architectures import build
+    from training.architectures import build
 
     torch.manual_seed(0)
     _, processor = build(family)
@@ -119,8 +119,8 @@ def test_missing_bundled_model_says_how_to_train_it():
 @pytest.mark.parametrize(("family", "trainable"), [("llava", {"encoder.layers.3."}), ("qwen2_5_vl", {"blocks.3."})])
 def test_the_qa_phase_freezes_the_tower_but_its_last_feeding_layer(family, trainable):
     """LLaVA takes features from layer -2 of 5: layer 3 (0-based) is the last one feeding them; layer 4 is unused."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.vision_phase import tower_parameters
+    from training.architectures import build
+    from training.vision_phase import tower_parameters
 
     model, _ = build(family)
     tower = model.model.vision_tower if family == "llava" else model.model.visual
@@ -136,7 +136,7 @@ def test_the_qa_phase_freezes_the_tower_but_its_last_feeding_layer(family, train
 
 @pytest.mark.parametrize("index", range(0, 60, 7))
 def test_centre_labels_mark_one_cell_per_object(index):
-    from tokenzip.synthetic.dense import _SHAPE_INDEX, cell_labels, centre_cells
+    from training.dense import _SHAPE_INDEX, cell_labels, centre_cells
 
     scene = sample("train", index).scene
     labels = cell_labels(scene, 12, 12)
@@ -151,8 +151,8 @@ def test_centre_labels_mark_one_cell_per_object(index):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_targets_point_at_the_named_objects(family):
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.train import attention_targets, attribute_word_ids, named_objects, visual_grids
+    from training.architectures import build
+    from training.train import attention_targets, attribute_word_ids, named_objects, visual_grids
 
     model, processor = build(family)
     cfg = TrainConfig(family=family)
@@ -196,8 +196,8 @@ def test_attention_targets_point_at_the_named_objects(family):
 def test_grid_heads_split_the_noun_targets_by_grid():
     """With `per_grid`, OneVision's noun hop becomes one target per grid (base, packed): same queries, keys inside
     that grid (plus the count sink), and together exactly the all-grid keys."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.train import GRID_COUNT, attention_targets, attribute_word_ids, visual_grids
+    from training.architectures import build
+    from training.train import GRID_COUNT, attention_targets, attribute_word_ids, visual_grids
 
     family = "llava_onevision"
     model, processor = build(family)
@@ -223,8 +223,8 @@ def test_grid_heads_split_the_noun_targets_by_grid():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grid_count_matches_the_grids_of_a_training_image(family):
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.train import GRID_COUNT, visual_grids
+    from training.architectures import build
+    from training.train import GRID_COUNT, visual_grids
 
     model, processor = build(family)
     batch = training_batch(processor, family, [0], TrainConfig(family=family))
@@ -232,7 +232,7 @@ def test_grid_count_matches_the_grids_of_a_training_image(family):
 
 
 def test_band_x_is_the_scaled_centre_of_each_grid_column():
-    from tokenzip.synthetic.dense import COLUMN_BANDS, band_x, cell_labels
+    from training.dense import COLUMN_BANDS, band_x, cell_labels
 
     bands = cell_labels(sample("train", 3).scene, 12, 12)[3].view(12, 12)
     centres = 2 * (torch.arange(12, dtype=torch.float32) + 0.5) / 12 - 1
@@ -245,9 +245,9 @@ def test_band_x_is_the_scaled_centre_of_each_grid_column():
 def test_position_probe_targets_follow_the_question(family):
     """Noun rows are naming words of one-object phrases with that object's centre; answer rows are the tokens that
     predict a position answer, the sign of x1 - x2 being the answer."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.probes import probe_targets
-    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+    from training.architectures import build
+    from training.probes import probe_targets
+    from training.train import attribute_word_ids, named_turns
 
     _, processor = build(family)
     batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
@@ -277,7 +277,7 @@ def test_position_probe_targets_follow_the_question(family):
 
 def _llava_and_two_training_samples():
     """A fresh tiny LLaVA in eval mode and the model inputs of training samples 0 and 1."""
-    from tokenzip.synthetic.architectures import build
+    from training.architectures import build
 
     model, processor = build("llava")
     model.eval()
@@ -286,7 +286,7 @@ def _llava_and_two_training_samples():
 
 
 def test_position_probes_read_the_named_decoder_layers():
-    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
+    from training.probes import ProbeTargets, ReadoutProbes
 
     model, inputs = _llava_and_two_training_samples()
     probes = ReadoutProbes(model, noun_layer=1, answer_layer=3)
@@ -312,9 +312,9 @@ def test_position_probes_read_the_named_decoder_layers():
 def test_answer_word_targets_cover_every_turn_and_one_phrase_naming_words(family):
     """Every assistant turn is an answer-word row with its answer's token id; the naming word of a one-phrase
     question (not a position question) is a noun row with the same id."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.probes import probe_targets
-    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+    from training.architectures import build
+    from training.probes import probe_targets
+    from training.train import attribute_word_ids, named_turns
 
     _, processor = build(family)
     batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
@@ -337,7 +337,7 @@ def test_answer_word_targets_cover_every_turn_and_one_phrase_naming_words(family
 
 
 def test_answer_word_probes_classify_the_named_decoder_layers():
-    from tokenzip.synthetic.probes import ProbeTargets, ReadoutProbes
+    from training.probes import ProbeTargets, ReadoutProbes
 
     model, inputs = _llava_and_two_training_samples()
     vocab = model.config.get_text_config().vocab_size
@@ -374,9 +374,9 @@ def test_negative_probe_weight_is_refused(weight):
 def test_phrase_targets_are_the_first_and_last_naming_words_of_each_phrase(family):
     """Per naming phrase of every turn, in order: its last word's position, and the ids of its first and last
     attribute words as written in the question text (a position question has two phrases of two words)."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.phrase_probes import phrase_targets
-    from tokenzip.synthetic.train import attribute_word_ids, named_turns
+    from training.architectures import build
+    from training.phrase_probes import phrase_targets
+    from training.train import attribute_word_ids, named_turns
 
     _, processor = build(family)
     batch = training_batch(processor, family, list(range(8)), TrainConfig(family=family))
@@ -399,7 +399,7 @@ def test_phrase_targets_are_the_first_and_last_naming_words_of_each_phrase(famil
 
 def test_phrase_probes_classify_the_noun_layer_attention_input():
     """The loss is the two cross-entropies of linear read-outs of layer k's input after its input norm."""
-    from tokenzip.synthetic.phrase_probes import PhraseProbes
+    from training.phrase_probes import PhraseProbes
 
     model, inputs = _llava_and_two_training_samples()
     vocab = model.config.get_text_config().vocab_size
@@ -455,8 +455,8 @@ def test_video_steps_alternate_with_image_steps_and_are_measured(tmp_path, famil
 
 def test_video_batch_labels_the_clip_answer():
     from tokenzip.synthetic import VIDEO_FRAMES, video_sample
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.video_batches import is_video_step, video_batch
+    from training.architectures import build
+    from training.video_batches import is_video_step, video_batch
 
     model, processor = build("llava_onevision")
     batch = video_batch(processor, model.config, "llava_onevision", [5, 6])
@@ -473,7 +473,7 @@ def test_video_batch_labels_the_clip_answer():
 def test_glyph_weight_scales_the_glyph_heads_share_of_the_dense_gradient():
     """With glyph weight w the glyph head's gradient is w * 6 / (5 + w) times that of the unweighted loss, every
     other head's 6 / (5 + w) times: the weight moves gradient towards the glyph, the loss stays a weighted mean."""
-    from tokenzip.synthetic.dense import DenseHeads, cell_labels
+    from training.dense import DenseHeads, cell_labels
 
     labels = torch.cat([cell_labels(sample("train", i).scene, 12, 12) for i in range(4)], dim=1)
     tokens = torch.randn(labels.shape[1], 16, generator=torch.Generator().manual_seed(0))
@@ -501,9 +501,9 @@ def test_visual_grids_hold_the_cells_the_dense_labels_describe(family):
     """Each cell's colour label, written into the projector output in `dense_labels` order, comes back out of the
     LLM input at the position `visual_grids` gives that cell (OneVision: base grid first, then the packed 2x2
     tiles with a newline after every row)."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.dense import cell_labels
-    from tokenzip.synthetic.train import dense_labels, visual_grids
+    from training.architectures import build
+    from training.dense import cell_labels
+    from training.train import dense_labels, visual_grids
 
     model, processor = build(family)
     batch = training_batch(processor, family, list(range(3)), TrainConfig(family=family))
@@ -538,9 +538,9 @@ def test_visual_grids_hold_the_cells_the_dense_labels_describe(family):
 def test_onevision_tiles_are_labelled_with_bands_inside_the_tile():
     """SigLIP encodes each tile alone, so a tile token's column band is measured across its tile (the same bands
     as a whole-image grid of that size); the base grid keeps whole-image bands. Object labels stay where they are."""
-    from tokenzip.synthetic.architectures import build
-    from tokenzip.synthetic.dense import cell_labels
-    from tokenzip.synthetic.train import dense_labels
+    from training.architectures import build
+    from training.dense import cell_labels
+    from training.train import dense_labels
 
     model, _ = build("llava_onevision")
     scene = sample("train", 5).scene
@@ -557,7 +557,7 @@ def test_onevision_tiles_are_labelled_with_bands_inside_the_tile():
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
 def test_vision_width_sets_the_towers_width_and_rejects_bad_values(family):
     """`--vision-width` widens the tower (MLPs 4x) and leaves the LLM alone; 0 keeps the family's default."""
-    from tokenzip.synthetic.architectures import build
+    from training.architectures import build
 
     default, _ = build(family, version="v1")
     wide, _ = build(family, version="v1", vision_width=96)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import tokenzip
 from tokenzip.cli import app
-from tokenzip.testing.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+from tokenzip.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 from tokenzip.viz import (
     GAP,
     KEPT,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Any
 
@@ -162,16 +161,15 @@ class Patch:
 
 
 def _policy_object(policy: Any, options: dict[str, Any]) -> Policy:
-    """A fresh, validated policy object for one patch: the registered class built with `options`, or a private
-    copy of a `Policy` instance (so per-model state set by its `plan` never leaks between models)."""
+    """The validated policy object of one patch: the registered class built with `options`, or the `Policy`
+    instance itself (policies are frozen and keep no per-model state: their `plan` returns it)."""
     if isinstance(policy, Policy):
         if options:
             raise PolicyOptionError(
-                f"options {sorted(options)} go to the Policy constructor when a Policy instance is passed"
+                f"options {sorted(options)} go to the Policy constructor when a Policy instance is passed "
+                f"(or use dataclasses.replace(policy, **options))"
             )
-        policy_obj = copy.deepcopy(policy)
-        policy_obj.check_options()  # the instance's options may have been changed after construction
-        return policy_obj
+        return policy
     if isinstance(policy, type) and issubclass(policy, Policy):
         raise UnknownPolicyError(
             f"policy must be a name or a Policy instance, got the class {policy.__name__}; pass "
@@ -199,9 +197,9 @@ def apply(
         model: a `LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or
             `LlavaOnevisionForConditionalGeneration` (any dtype, device, attention backend sdpa / eager /
             flash_attention_2, with or without an accelerate device_map).
-        policy: a registered policy name (see `list_policies()`) or a `Policy` instance. An instance is copied
-            (`patch.policy` is the copy), so one instance may be applied to several models. Anything else
-            (None, a class) raises `UnknownPolicyError`.
+        policy: a registered policy name (see `list_policies()`) or a `Policy` instance (frozen, stateless: one
+            instance may be applied to any number of models). Anything else (None, a class) raises
+            `UnknownPolicyError`.
         keep: float in (0, 1] = fraction of each image's visual tokens, or int >= 1 = tokens per image (per
             video for video); the layer-averaged visual budget of the LLM. keep=1.0 leaves the model untouched.
         positions: "original" (kept tokens keep their RoPE positions) or "compact" (renumbered contiguously);

@@ -135,3 +135,22 @@ def one_stage_llm_count(target: float, n_tokens: int, layer: int, n_layers: int)
     if not 0 <= layer < n_layers:
         raise BudgetError(f"pruning layer {layer} is outside the LLM's layers 0..{n_layers - 1}")
     return (n_layers * target - layer * n_tokens) / (n_layers - layer)
+
+
+def one_stage_count(
+    policy: str, target: float, n_tokens: int, layer: int, n_layers: int, keep: Keep | None, sizes: Sequence[int]
+) -> int:
+    """Tokens a one-stage in-LLM policy keeps from decoder layer `layer` on so that the layer average meets
+    `target` (`one_stage_llm_count`, rounded, within [1, n_tokens]); 0 for a sample without visual tokens.
+
+    The one `BudgetError` path of such schedules: when even one token from `layer` on overshoots `target` by more
+    than half a token, it names the floor the first `layer` layers impose and the smallest reachable keep for items
+    of `sizes` content tokens."""
+    if n_tokens <= 0:
+        return 0
+    r = one_stage_llm_count(target, n_tokens, layer, n_layers)
+    if r < 0.5:
+        floor = (layer * n_tokens + (n_layers - layer)) / n_layers
+        reason = f"at layer {layer} of {n_layers} the first {layer} layers see all {n_tokens}; lower the layer"
+        raise infeasible_budget(policy, reason, keep, target, floor, list(sizes) or [n_tokens])
+    return min(n_tokens, max(1, round(r)))

@@ -109,8 +109,8 @@ def demo(
     import torch
 
     from .api import apply
-    from .testing.reference import cached_greedy, uncached_logits
-    from .testing.tiny import FACTORIES, dummy_image, tiny
+    from .reference import cached_greedy, uncached_logits
+    from .tiny import FACTORIES, dummy_image, tiny
 
     if family not in FACTORIES:
         raise typer.BadParameter(f"unknown family {family!r}; choose one of {sorted(FACTORIES)}")
@@ -324,7 +324,7 @@ def bench_command(
     decode_tokens: int = typer.Option(16, help="tokens generated for decode speed and agreement (0: skip)"),
     no_flops_count: bool = typer.Option(False, "--no-flops-count", help="skip counting the policies' own FLOPs"),
     out: Path = typer.Option(
-        Path("bench-results"), "--out", help="folder for results.json, results.csv, results.md and the plots"
+        Path("tokenzip-out/bench"), "--out", help="folder for results.json, results.csv, results.md and the plots"
     ),
     seed: int = typer.Option(0, help="seed of random weights and synthetic inputs"),
     accuracy: int = typer.Option(
@@ -339,7 +339,7 @@ def bench_command(
 
     With no arguments it runs offline on a tiny random-weight LLaVA-1.5, every policy but `oracle` (it needs the
     synthetic ground truth) at keep 0.111 / 0.222 / 0.333 plus the unpruned reference, and writes results.json,
-    results.csv, results.md, quality_vs_flops.png and ttft_vs_keep.png into ./bench-results.
+    results.csv, results.md, quality_vs_flops.png and ttft_vs_keep.png into ./tokenzip-out/bench.
     """
     import shlex
     import sys
@@ -391,7 +391,7 @@ def bench_command(
         if accuracy < 0 or bm.processor is None:
             raise typer.BadParameter(
                 f"--accuracy takes a positive number of questions and a trained model with its processor "
-                f"(synth-llava, ... or a directory written by tokenzip.synthetic.train); got {accuracy} on {bm.name}"
+                f"(synth-llava, ... or a directory written by training/train.py); got {accuracy} on {bm.name}"
             )
         from .evaluation.grid import data_version
         from .synthetic.evaluate import evaluate
@@ -466,7 +466,7 @@ def show_command(
         raise typer.BadParameter(f"--new-tokens must be >= 1, got {new_tokens}")
     try:
         if model.startswith("tiny-"):
-            from .testing.tiny import FACTORIES, tiny
+            from .tiny import FACTORIES, tiny
 
             if model[len("tiny-") :] not in FACTORIES:
                 raise ValueError(
@@ -529,7 +529,7 @@ def eval_command(
     batch_size: int = typer.Option(8, help="lmms-eval batch size"),
     device: str = typer.Option("", help="cpu, cuda or cuda:N (default: cuda when available)"),
     attn: str = typer.Option("sdpa", help="sdpa, flash_attention_2 or eager"),
-    out: Path = typer.Option(Path("eval-results"), "--out", help="folder for eval.json and eval.md"),
+    out: Path = typer.Option(Path("tokenzip-out/eval"), "--out", help="folder for eval.json and eval.md"),
     oracle: bool = typer.Option(True, help="also run the oracle reference selection at every keep"),
 ) -> None:
     """Score a policy x keep grid with lmms-eval and print one table: accuracy, retention vs. unpruned, gap to the

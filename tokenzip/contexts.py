@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -103,6 +104,8 @@ class Plan:
                   always kept. llm_keep_positions: in-LLM stages keep the current position ids even with
                   positions="compact" (HoliTom's inner merge). noncausal_layers: decoder layers that attend
                   bidirectionally in prefill (reproduces a released quirk; parity only).
+    state: what the policy derived for this model (layers, signal keys, compat mode...), any object; the engine
+                  hands it back unchanged to every stage as `ctx.state` (a policy keeps no per-model state).
     """
 
     vision_layer: int | None = None
@@ -115,6 +118,7 @@ class Plan:
     llm_structural: bool = False
     llm_keep_positions: bool = False
     noncausal_layers: tuple[int, ...] = ()
+    state: Any = field(default=None, compare=False)
 
     @property
     def is_empty(self) -> bool:
@@ -141,6 +145,8 @@ class VisionStageContext:
     has_cls: bool
     keep: Keep
     row_keys: list[int]
+    info: ModelInfo | None = None
+    state: Any = None  # the policy's `Plan.state` for this model
 
     @property
     def n_patches(self) -> int:
@@ -162,6 +168,8 @@ class ProjectorInputContext:
     keep: Keep
     row_keys: list[int]
     has_cls: bool
+    info: ModelInfo | None = None
+    state: Any = None  # the policy's `Plan.state` for this model
 
     @property
     def n_patches(self) -> int:
@@ -185,6 +193,8 @@ class PreLLMItem:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     before: torch.Tensor | None = None  # [D] embedding of the token just before the item's run, if any
     batch: ItemsOfBatch | None = None  # every item of the forward call, per sample (the oracle checks its truth)
+    info: ModelInfo | None = None
+    state: Any = None  # the policy's `Plan.state` for this model
 
     @property
     def content_available(self) -> torch.Tensor:
@@ -224,6 +234,7 @@ class LLMStageContext:
     item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     input_layout: Layout | None = None
     note: Callable[[str], None] = print
+    state: Any = None  # the policy's `Plan.state` for this model
 
     def item_targets(self) -> list[int]:
         """Per sample: the layer-averaged visual budget, the sum of `item_budget` over its items."""
@@ -244,3 +255,4 @@ class DecodeContext:
     keep: Keep
     sample_keys: list[int] = field(default_factory=list)
     stage_layers: tuple[int, ...] = ()
+    state: Any = None  # the policy's `Plan.state` for this model

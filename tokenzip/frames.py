@@ -44,9 +44,7 @@ def video_inputs(processor, config, family: str, videos: Sequence[Sequence[Image
     for k, frames in enumerate(videos):
         if len(frames) == 0:
             raise ValueError(f"video {k} has no frames")
-    if family == "qwen2_5_vl":
-        return _qwen_video(processor, config, videos, fps)
-    return _onevision_video(processor, config, videos)
+    return _BUILDERS[family](processor, config, videos, fps)
 
 
 def _qwen_video(processor, config, videos, fps: float) -> VideoInputs:
@@ -77,7 +75,7 @@ def _qwen_video(processor, config, videos, fps: float) -> VideoInputs:
     return VideoInputs(tensors, tokens)
 
 
-def _onevision_video(processor, config, videos) -> VideoInputs:
+def _onevision_video(processor, config, videos, fps: float) -> VideoInputs:
     counts = {len(frames) for frames in videos}
     if len(counts) > 1:
         raise ValueError(
@@ -97,6 +95,9 @@ def _onevision_video(processor, config, videos) -> VideoInputs:
     pooled = math.ceil(side // config.vision_config.patch_size / 2) ** 2  # bilinear 2x pooling per frame
     tokens = [len(frames) * pooled + 1 for frames in videos]  # + the newline token after the last frame
     return VideoInputs({"pixel_values_videos": torch.from_numpy(stacked)}, tokens)
+
+
+_BUILDERS = {"qwen2_5_vl": _qwen_video, "llava_onevision": _onevision_video}  # per video family (VIDEO_TOKEN)
 
 
 def expand_placeholders(text: str, token: str, counts: Iterator[int]) -> str:

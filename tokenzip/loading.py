@@ -62,7 +62,7 @@ def _image_only_processor(where: str, family: str) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import cached_file
 
-    from .testing.tiny import _ov_image_only_processor_cls, _qwen_image_only_processor_cls
+    from .processors import IMAGE_ONLY_PROCESSORS
 
     tokenizer = AutoTokenizer.from_pretrained(where)
     image_processor = AutoImageProcessor.from_pretrained(where)
@@ -73,7 +73,7 @@ def _image_only_processor(where: str, family: str) -> Any:
         options = {k: v for k, v in saved.items() if k in ("num_image_tokens", "vision_feature_select_strategy")}
     template_file = cached_file(where, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
     chat_template = Path(template_file).read_text() if template_file else tokenizer.chat_template
-    cls = _qwen_image_only_processor_cls() if family == "qwen2_5_vl" else _ov_image_only_processor_cls()
+    cls = IMAGE_ONLY_PROCESSORS[family]()
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **options)
 
 

@@ -8,7 +8,6 @@ schedule (`Policy.nominal`) gives the tokens every decoder layer processes; `tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -42,54 +41,20 @@ def workload(
     model, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0, text_tokens: int = 60
 ) -> Workload:
     """Items for `images` images of `image_size` (H, W), or a video of `frames` frames when frames > 0."""
-    adapter = get_adapter(model)
-    config = model.config
-    family = adapter.family
-    if family == "llava":
-        if frames:
-            raise ValueError("LLaVA-1.5 has no video input; use --images")
-        pixels = torch.empty(images, 0)
-        shapes = adapter.item_shapes("image", {"pixel_values": pixels}, None, check=False)
-        return Workload(config, shapes, text_tokens, vision_rows=images)
-    if family == "qwen2_5_vl":
-        vcfg = config.vision_config
-        unit = vcfg.patch_size * vcfg.spatial_merge_size
-        h, w = image_size or (448, 448)
-        grid_h, grid_w = max(1, round(h / unit)) * 2, max(1, round(w / unit)) * 2
-        if frames:
-            grids = [(max(1, frames // vcfg.temporal_patch_size), grid_h, grid_w)]
-            shapes = adapter.item_shapes("video", {"video_grid_thw": grids}, None)
-        else:
-            grids = [(1, grid_h, grid_w)] * images
-            shapes = adapter.item_shapes("image", {"image_grid_thw": grids}, None)
-        return Workload(config, shapes, text_tokens, qwen_grids=grids)
-    side = config.vision_config.image_size
-    if frames:
-        video = SimpleNamespace(shape=(1, frames, 3, side, side))
-        shapes = adapter.item_shapes("video", {"pixel_values_videos": video}, None)
-        return Workload(config, shapes, text_tokens, vision_rows=frames)
-    h, w = image_size or (768, 768)
-    args = {"image_sizes": torch.tensor([[h, w]] * images), "batch_num_images": torch.tensor([images])}
-    shapes = adapter.item_shapes("image", args, None, check=False)
-    return Workload(config, shapes, text_tokens, vision_rows=sum(adapter._tiles_per_image(args)))
+    shapes, rows, grids = get_adapter(model).example_items(images, image_size, frames)
+    return Workload(model.config, shapes, text_tokens, vision_rows=rows, qwen_grids=grids)
 
 
 def price(model, work: Workload, policy: Policy, keep: Keep) -> FlopsBreakdown:
     """Analytic FLOPs of one prefill and one decode step of `work` under `policy` at `keep`."""
-    info = get_adapter(model).info()
+    adapter = get_adapter(model)
+    info = adapter.info()
     nominal = [policy.nominal(info, shape, keep) for shape in work.shapes]
     layers = info.n_llm_layers
     lengths = [work.text_tokens + sum(n.tokens[i] for n in nominal) for i in range(layers)]
     cache = [work.text_tokens + sum(n.cache[i] for n in nominal) for i in range(layers)]
     widths = next((n.vision_widths for n in nominal if n.vision_widths is not None), None)
-    projector_tokens = 0
-    if info.family == "llava":
-        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        per_row = (widths[info.vision_feature_layer] - 1) if widths else grid * grid
-        projector_tokens = work.vision_rows * per_row
-    elif info.family == "llava_onevision":
-        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        projector_tokens = work.vision_rows * grid * grid
+    projector_tokens = adapter.projector_tokens(work.vision_rows, widths)
     return breakdown(
         model.config,
         lengths,

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .adapters import get_adapter
 from .engine.state import ItemRecord
-from .errors import UnsupportedInputError
+from .errors import UnsupportedInputError, UnsupportedModelError
 from .items import GridPart
 
 OUTLINE = (255, 215, 0)
@@ -133,31 +133,20 @@ def _cells(part: GridPart, frame: int) -> torch.Tensor:
     return base + torch.arange(part.rows)[:, None] * width + torch.arange(part.cols)[None]
 
 
-def _unit(model, family: str, item: ItemRecord, part: GridPart) -> int:
-    """Pixels per cell side at the model's view."""
-    cfg = model.config.vision_config
-    if family == "qwen2_5_vl":
-        return cfg.patch_size * cfg.spatial_merge_size
-    grid = cfg.image_size // cfg.patch_size
-    if family == "llava_onevision" and item.modality == "video":
-        return max(1, cfg.image_size // part.rows)  # pooled frames
-    return max(1, cfg.image_size // grid)
-
-
 def panels(model, item: ItemRecord, pictures: list[Image.Image]) -> list[Panel]:
     """The panels of one recorded item: `pictures` is [image] for an image, the frames for a video."""
-    family = get_adapter(model).family
+    adapter = get_adapter(model)
     if item.shape is None:
         raise UnsupportedInputError("this ItemRecord carries no token layout (recorded by an older tokenzip?)")
     if not pictures:
         raise ValueError("pictures must hold the image, or the frames of a video")
     out = []
     for part in item.shape.parts:
-        unit = _unit(model, family, item, part)
+        unit = adapter.cell_pixels(item.modality, part)  # pixels per cell side at the model's view
         size = (part.cols * unit, part.rows * unit)
         for frame in range(part.frames):
             source = pictures[min(len(pictures) - 1, frame * len(pictures) // part.frames)].convert("RGB")
-            if family == "llava":
+            if adapter.crops_images:
                 view = ImageOps.fit(source, size, Image.Resampling.BICUBIC)
             else:
                 view = source.resize(size, Image.Resampling.BICUBIC)
@@ -225,21 +214,17 @@ def draw_item(
 def model_view(image: Image.Image, model, inputs: dict, index: int = 0) -> tuple[Image.Image, tuple[int, int]]:
     """The image as the model sees it and its token grid (rows, cols), for image `index` of the batch (LLaVA-1.5 and
     Qwen2.5-VL single grids; `panels` covers every layout)."""
-    family = get_adapter(model).family
+    adapter = get_adapter(model)
+    try:
+        rows, cols = adapter.image_grid(inputs, index)
+    except UnsupportedModelError as err:
+        raise UnsupportedInputError(f"model_view covers single-grid images: {err}") from err
+    unit = adapter.cell_pixels("image", GridPart(0, 1, rows, cols))
+    size = (cols * unit, rows * unit)
     image = image.convert("RGB")
-    if family == "llava":
-        cfg = model.config.vision_config
-        side, grid = cfg.image_size, cfg.image_size // cfg.patch_size
-        return ImageOps.fit(image, (side, side), Image.Resampling.BICUBIC), (grid, grid)
-    if family == "qwen2_5_vl":
-        t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
-        if t != 1:
-            raise UnsupportedInputError(f"expected an image (temporal grid 1), got a temporal grid of {t}")
-        merge = model.config.vision_config.spatial_merge_size
-        unit = model.config.vision_config.patch_size * merge
-        rows, cols = h // merge, w // merge
-        return image.resize((cols * unit, rows * unit), Image.Resampling.BICUBIC), (rows, cols)
-    raise UnsupportedInputError(f"model_view covers single llava / qwen2_5_vl grids, not {family!r}: use panels()")
+    if adapter.crops_images:
+        return ImageOps.fit(image, size, Image.Resampling.BICUBIC), (rows, cols)
+    return image.resize(size, Image.Resampling.BICUBIC), (rows, cols)
 
 
 @torch.no_grad()
@@ -281,13 +266,14 @@ MIN_FIGURE_WIDTH = 512  # pixels: `figure` never returns a narrower picture
 def panel_labels(model, item: ItemRecord) -> list[str]:
     """One label per panel of `draw_item`, left to right: 'image'; OneVision anyres 'base image' then 'high-res
     tiles'; 'frame k' for videos (Qwen2.5-VL: 'frames 2t-2t+1', the two frames of one temporal patch)."""
-    family = get_adapter(model).family
+    per_cell = get_adapter(model).temporal_patch  # frames per token cell (2 on Qwen2.5-VL)
     parts = item.shape.parts if item.shape is not None else []
     labels = []
     for p, part in enumerate(parts):
         for frame in range(part.frames):
             if item.modality == "video":
-                labels.append(f"frames {2 * frame}-{2 * frame + 1}" if family == "qwen2_5_vl" else f"frame {frame}")
+                first = per_cell * frame
+                labels.append(f"frames {first}-{first + per_cell - 1}" if per_cell > 1 else f"frame {frame}")
             elif len(parts) > 1:
                 labels.append("base image" if p == 0 else "high-res tiles")
             else:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..items import ItemShape
+from ..signals.attention import encoder_attention_received, encoder_attention_rows, encoder_head_mean_keys
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
@@ -31,6 +32,18 @@ class ModelInfo:
     supports_projector_stage: bool = False
     vision_full_attention_layers: tuple[int, ...] = ()  # vision layers attending over a whole image / frame
 
+    @property
+    def reference_architecture(self) -> bool:
+        """LLaVA-1.5: the architecture the published methods' released code was written for; policies with a
+        `compat` option default to their released rules on it (and to tokenzip's fixes elsewhere)."""
+        return self.family == "llava"
+
+    @property
+    def vision_windowed(self) -> bool:
+        """A Qwen2.5-VL-style tower: windowed attention blocks between a few full-attention ones, tokens packed in
+        window order and merged 2x2 after it (the released Qwen ports of the policies have rules of their own)."""
+        return self.family == "qwen2_5_vl"
+
 
 class Adapter(ABC):
     """Locations and geometry of one VLM family.
@@ -46,7 +59,6 @@ class Adapter(ABC):
     supports_vision_stage: ClassVar[bool] = False
     supports_projector_stage: ClassVar[bool] = False
     vision_has_cls: ClassVar[bool] = False
-    vision_kind: ClassVar[str] = "vit"  # "vit": batch of rows [R, T, D]; "qwen": packed tokens [N, D]
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -113,6 +125,59 @@ class Adapter(ABC):
         the tower's own order (Qwen2.5-VL); optional trailing channels C (e.g. head-mean key vectors) are carried
         along. Returns one float tensor [item.length, *C] per item, NaN at structural tokens (newlines, CLS).
         """
+
+    @abstractmethod
+    def vision_signal(self, sig: Any, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A vision signal (`tokenzip.contexts.VisionSignal`) from the inputs of vision attention module `module`
+        (a forward pre-hook's `args` / `kwargs`): [R, T] per row (ViT towers) or [N] packed ('keys': [..., d])."""
+
+    @abstractmethod
+    def vision_workload(
+        self,
+        modality: str,
+        arguments: dict[str, Any],
+        shapes: list[ItemShape],
+        stage: tuple[int, int] | None = None,
+        projected_per_row: int | None = None,
+    ) -> dict:
+        """What the vision side computed in one feature call, for FLOP accounting (`tokenzip.engine.accounting`).
+
+        stage: (layer, width) when a vision stage shortened every row to `width` tokens before encoder `layer`;
+        projected_per_row: tokens per row a projector-input stage let into the projector."""
+
+    @abstractmethod
+    def example_items(
+        self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
+    ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
+        """Items of `images` images of `image_size` (H, W; None = the family's usual size), or of one video of
+        `frames` frames when frames > 0, as the processor would lay them out, without pixels (pricing):
+        (item shapes, vision tower rows, Qwen-style (t, h, w) patch grids or None)."""
+
+    def projector_tokens(self, rows: int, vision_widths: list[int] | None = None) -> int:
+        """Tokens the projector processes for `rows` tower rows (`vision_widths`: per encoder layer, the row width a
+        vision stage left; None = full rows). 0 where the projector is part of the tower (Qwen's merger)."""
+        return 0
+
+    # ---------------------------------------------------------------------------------------- drawing
+    crops_images: ClassVar[bool] = False  # the processor centre-crops to a square (LLaVA-1.5) rather than resizing
+    temporal_patch: ClassVar[int] = 1  # video frames per token cell
+
+    @abstractmethod
+    def cell_pixels(self, modality: str, part: Any) -> int:
+        """Pixels per side of one token cell of grid part `part` (`tokenzip.items.GridPart`) at the model's view."""
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        """(rows, cols) of image `index`'s single token grid in processor `inputs`; families whose images are not
+        one grid (anyres tiles) refuse."""
+        raise UnsupportedModelError(f"{self.family} images are not one token grid: draw them with tokenzip.viz.panels")
+
+    def dropped_feature_tokens(self, arguments: dict[str, Any]) -> int:
+        """Leading tower tokens a feature call drops before the projector (LLaVA's 'default' select strategy drops
+        CLS; 'full' keeps it)."""
+        strategy = arguments.get("vision_feature_select_strategy") or getattr(
+            self.config, "vision_feature_select_strategy", "full"
+        )
+        return 1 if strategy == "default" else 0
 
     @property
     def vision_feature_layer(self) -> int | None:
@@ -184,6 +249,45 @@ class ViTTowerAdapter(Adapter):
 
     def vision_attention(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].self_attn
+
+    def vision_signal(self, sig: Any, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if sig.kind == "cls":
+            return encoder_attention_rows(module, hidden, slice(0, 1), mask, sig.score_dtype)[:, 0]
+        if sig.kind == "keys":
+            return encoder_head_mean_keys(module, hidden)
+        return encoder_attention_received(module, hidden, mask, score_dtype=sig.score_dtype)
+
+    def vision_workload(
+        self,
+        modality: str,
+        arguments: dict[str, Any],
+        shapes: list[ItemShape],
+        stage: tuple[int, int] | None = None,
+        projected_per_row: int | None = None,
+    ) -> dict:
+        rows = max(shape.vision_rows[1] for shape in shapes)
+        n_layers = len(self.vision_layers)
+        tokens = self.grid**2 + int(self.vision_has_cls)
+        widths = [tokens] * n_layers
+        if stage is not None:
+            layer, width = stage
+            widths = [tokens] * layer + [width] * (n_layers - layer)
+        if projected_per_row is not None:
+            projected = rows * projected_per_row
+        else:
+            projected = self.projector_tokens(rows, widths, self.dropped_feature_tokens(arguments))
+        return {"vision_rows": rows, "vision_widths": widths, "projector_tokens": projected}
+
+    def projector_tokens(self, rows: int, vision_widths: list[int] | None = None, dropped: int | None = None) -> int:
+        full = self.grid**2 + int(self.vision_has_cls)
+        feature = self.vision_feature_layer
+        width = (vision_widths[feature] if feature is not None else vision_widths[-1]) if vision_widths else full
+        return rows * (width - (self.dropped_feature_tokens({}) if dropped is None else dropped))
+
+    def cell_pixels(self, modality: str, part: Any) -> int:
+        return max(1, self.config.vision_config.image_size // self.grid)
 
 
 def interleave_structural(values: torch.Tensor, shape: ItemShape) -> torch.Tensor:

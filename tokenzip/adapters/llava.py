@@ -42,6 +42,19 @@ class LlavaAdapter(ViTTowerAdapter):
             shapes.append(shape)
         return shapes
 
+    crops_images = True  # the CLIP processor resizes the short side and centre-crops
+
+    def example_items(
+        self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
+    ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
+        if frames:
+            raise ValueError("LLaVA-1.5 has no video input; use --images")
+        shapes = self.item_shapes("image", {"pixel_values": torch.empty(images, 0)}, None, check=False)
+        return shapes, images, None
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        return self.grid, self.grid
+
     def vision_scores_to_items(
         self, modality: str, scores: torch.Tensor, shapes: list[ItemShape], arguments: dict[str, Any]
     ) -> list[torch.Tensor]:

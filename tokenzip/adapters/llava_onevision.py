@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,6 +38,21 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
     @property
     def token_ids(self) -> dict[str, int]:
         return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
+
+    def example_items(
+        self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
+    ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
+        side = self.config.vision_config.image_size
+        if frames:
+            video = SimpleNamespace(shape=(1, frames, 3, side, side))
+            return self.item_shapes("video", {"pixel_values_videos": video}, None), frames, None
+        h, w = image_size or (768, 768)
+        args = {"image_sizes": torch.tensor([[h, w]] * images), "batch_num_images": torch.tensor([images])}
+        return self.item_shapes("image", args, None, check=False), sum(self._tiles_per_image(args)), None
+
+    def cell_pixels(self, modality: str, part: Any) -> int:
+        side = self.config.vision_config.image_size
+        return max(1, side // part.rows) if modality == "video" else super().cell_pixels(modality, part)
 
     # ------------------------------------------------------------------------------------------ images
     def _tiles_per_image(self, arguments: dict[str, Any]) -> list[int]:

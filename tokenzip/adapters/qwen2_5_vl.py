@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedInputError
 from ..items import GridPart, ItemShape
+from ..signals.attention import qwen_vision_attention_received, qwen_vision_head_mean_keys
 from .base import Adapter, interleave_structural
 
 
@@ -21,7 +23,6 @@ class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     supports_compact_positions = False
-    vision_kind = "qwen"
 
     @property
     def vision_layers(self) -> nn.ModuleList:
@@ -41,6 +42,56 @@ class Qwen25VLAdapter(Adapter):
     @property
     def vision_feature_layer(self) -> int | None:
         return len(self.vision_layers) - 1
+
+    def vision_signal(self, sig: Any, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Packed [N] (window order; 'keys': [N, d] before the 2-D RoPE), per `cu_seqlens` segment."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if sig.kind == "keys":
+            return qwen_vision_head_mean_keys(module, hidden)
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        return qwen_vision_attention_received(
+            module, hidden, cu, kwargs["position_embeddings"], score_dtype=sig.score_dtype
+        )
+
+    def vision_workload(
+        self,
+        modality: str,
+        arguments: dict[str, Any],
+        shapes: list[ItemShape],
+        stage: tuple[int, int] | None = None,
+        projected_per_row: int | None = None,
+    ) -> dict:
+        """The (t, h, w) patch grid of each item (the tower's cost follows from them and the config)."""
+        return {"qwen_grids": [tuple(g) for g in self._grids(modality, arguments).tolist()]}
+
+    def dropped_feature_tokens(self, arguments: dict[str, Any]) -> int:
+        return 0
+
+    def example_items(
+        self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
+    ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
+        vcfg = self.config.vision_config
+        unit = vcfg.patch_size * vcfg.spatial_merge_size
+        h, w = image_size or (448, 448)
+        grid_h, grid_w = max(1, round(h / unit)) * 2, max(1, round(w / unit)) * 2
+        if frames:
+            grids = [(max(1, frames // vcfg.temporal_patch_size), grid_h, grid_w)]
+            return self.item_shapes("video", {"video_grid_thw": grids}, None), 0, grids
+        grids = [(1, grid_h, grid_w)] * images
+        return self.item_shapes("image", {"image_grid_thw": grids}, None), 0, grids
+
+    @property
+    def temporal_patch(self) -> int:
+        return int(self.config.vision_config.temporal_patch_size)
+
+    def cell_pixels(self, modality: str, part: Any) -> int:
+        return self.config.vision_config.patch_size * self.merge
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
+        if t != 1:
+            raise UnsupportedInputError(f"expected an image (temporal grid 1), got a temporal grid of {t}")
+        return h // self.merge, w // self.merge
 
     def full_attention_layers(self) -> tuple[int, ...]:
         return tuple(self.config.vision_config.fullatt_block_indexes)

@@ -31,7 +31,7 @@ def path(name: str) -> Path:
     if not (where / "config.json").is_file():
         raise FileNotFoundError(
             f"bundled model {name!r} is not in this installation ({where}); present: {names()}. "
-            f"Train it with `python -m tokenzip.synthetic.train --family {FAMILY_OF[name]} --out {where}`."
+            f"Train it with `python -m training.train --family {FAMILY_OF[name]} --out {where}`."
         )
     return where
 

@@ -3,7 +3,7 @@
 Three sources:
 
 * ``tiny-llava`` / ``tiny-qwen2_5_vl`` / ``tiny-llava_onevision``: the in-memory tiny models of
-  `tokenzip.testing.tiny` with their offline processors (the default; nothing is downloaded);
+  `tokenzip.tiny` with their offline processors (the default; nothing is downloaded);
 * a built-in real config with random weights (``random_weights=True``, e.g. ``llava-onevision-qwen2-0.5b``),
   optionally with fewer LLM / vision layers: real shapes, so timings mean something without a download;
 * a bundled trained model (``synth-llava``, ... see `tokenzip.assets`), a Hugging Face hub id or a local
@@ -127,7 +127,7 @@ def load_model(
 
 
 def _tiny(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> BenchModel:
-    from ..testing.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+    from ..tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 
     family = TINY[name]
     vlm = tiny(family, attn=attn)
@@ -213,7 +213,7 @@ def _pretrained(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> 
     def make_inputs(work: Workload) -> dict:
         from PIL import Image
 
-        from ..testing.tiny import dummy_image
+        from ..tiny import dummy_image
 
         content: list[dict] = []
         kwargs: dict = {}

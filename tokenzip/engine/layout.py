@@ -20,7 +20,8 @@ class Layout:
     """A left-padded arrangement of the batch.
 
     src:       LongTensor [B, L]  slot -> index in the previous layout (0 on padding).
-    lm_src:    LongTensor [B, L]  slot -> index in the LLM-input layout (stage 0); equals `src` there.
+    lm_src:    LongTensor [B, L]  slot -> slot of the same token in the LLM-input layout (`layout0`, after the
+               pre-LLM stage), where it is the slot index itself; stable for a token through every later stage.
     orig:      LongTensor [B, L]  slot -> position in the original prompt (representative for merges).
     valid:     BoolTensor [B, L]  real token (False on padding).
     visual:    BoolTensor [B, L]  visual content token that in-LLM stages may prune.
@@ -51,10 +52,6 @@ class Layout:
     def visual_counts(self) -> torch.Tensor:
         """LongTensor [B]: visual content tokens per sample."""
         return (self.visual & self.valid).sum(1)
-
-    def last_positions(self) -> torch.Tensor:
-        """LongTensor [R, B]: position ids of each sample's last slot (always a real token: left padding)."""
-        return self.positions[..., -1]
 
 
 def take(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from ..items import ItemShape, ItemsOfBatch
 from .layout import Layout
 
 if TYPE_CHECKING:
+    from ..contexts import Selection
     from .summary import SampleSummary
 
 
@@ -31,7 +33,7 @@ class VisionCall:
     vision_groups: list[torch.Tensor | None] | None = None  # per item: merges [2, m] of a vision stage, item-local
     seconds: float = 0.0  # policy work inside the call (signals, vision / projector-input stages)
     call_seconds: float = 0.0  # the whole call
-    kept_rows: list[torch.Tensor] | None = None
+    kept_rows: list[Selection] | None = None  # vision-stage `Selection` per tower row (for replay)
     projector_rows: list[Any] | None = None  # projector-input `Selection` per tower row (for replay)
     overrides: list[Any] | None = None  # per item: `Selection` replacing its tokens (projector-input stage)
     workload: dict | None = None  # what the vision side computed (FLOP accounting)
@@ -58,7 +60,7 @@ class CallCapture:
     stage: VisionStageState | None = None
     seconds: float = 0.0  # policy work inside the call
     call_seconds: float = 0.0  # the whole call
-    kept_rows: list[torch.Tensor] | None = None  # vision-stage decision per row (for replay)
+    kept_rows: list[Selection] | None = None  # vision-stage `Selection` per tower row (for replay)
     projector_rows: list[Any] | None = None  # projector-input decision per row (for replay)
     feature_out: torch.Tensor | None = None  # output of the vision feature layer (projector-input stage)
     projected_reps: list[torch.Tensor] | None = None  # per row: tower token each projected token stands for
@@ -88,7 +90,6 @@ class ForwardState:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     item_signals: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     decoded: int = 0  # tokens appended to the cache since prefill (read from the cache at each decode step)
-    step: int = 0
     tail: torch.Tensor | None = None  # BoolTensor [B, decoded] validity of tokens appended after prefill
     lm_positions: torch.Tensor | None = None  # [R, B, q] original-frame positions of this decode step
     seconds: dict[str, float] = field(default_factory=dict)
@@ -96,6 +97,22 @@ class ForwardState:
     notes: list[str] = field(default_factory=list)
     calls: list[VisionCall] = field(default_factory=list)
     step_cache: dict = field(default_factory=dict)
+
+    def sample_keys(self) -> list[int]:
+        """One stable int per sample (seeds per-sample randomness): a checksum of its real prompt tokens once the
+        prompt's items are laid out, else the sample's index."""
+        ids = self.input_ids.detach().cpu()
+        keys = []
+        for b in range(ids.shape[0]):
+            row = ids[b]
+            if isinstance(self.attention_mask, torch.Tensor):
+                row = row[self.attention_mask[b].bool().cpu()]
+            keys.append(zlib.crc32(row.numpy().tobytes()) if self.layout0 is not None else b)
+        return keys
+
+    def shift(self, layout: Layout) -> torch.Tensor:
+        """LongTensor [B]: per sample, the original-frame next position minus `layout`'s (0 unless compact)."""
+        return self.orig_last_pos - layout.positions[0, :, -1]
 
 
 @dataclass
@@ -223,7 +240,8 @@ class PatchStats:
 class Decisions:
     """Every selection of one prefill, in prompt coordinates, so a later prefill can replay it.
 
-    vision:  modality -> per feature call -> per tower row, kept token indices (CLS included).
+    vision:  modality -> per feature call -> per tower row, the vision-stage `Selection` (patch indices, CLS
+             excluded: it always stays first).
     projector: modality -> per feature call -> per tower row, the projector-input `Selection`.
     pre_llm: per sample -> per item, the `Selection` (item-local indices).
     llm:     layer -> per sample (kept LLM-input slots of visual tokens [n], values or None, ordered).
@@ -235,7 +253,7 @@ class Decisions:
 
     batch: int
     prompt_len: int
-    vision: dict[str, list[list[torch.Tensor]]] = field(default_factory=dict)
+    vision: dict[str, list[list[Selection]]] = field(default_factory=dict)
     projector: dict[str, list[list[Any]]] = field(default_factory=dict)
     pre_llm: list[list[Any]] | None = None
     llm: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, bool]]] = field(default_factory=dict)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,7 @@ from ..budget import Keep, infeasible_budget, item_budget
 from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
-from .base import Choice, Float, Int, Option, Policy, Tuple
+from .base import Choice, Float, Int, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 
@@ -207,35 +207,38 @@ def default_prune_layers(n_layers: int) -> tuple[int, ...]:
 
 
 @register
+@dataclass(frozen=True)
 class ATPPolicy(Policy):
+    """ATP-TF: a training-free ATP-LLaVA -- after three decoder layers keep the union of the tokens that survive the
+    self- and cross-modal redundancy scores and a spatial sampling lattice (see the module docstring)."""
+
     name = "atp"
     description = "ATP-TF: training-free ATP-LLaVA -- self+cross-modal redundancy U spatial sampling at 3 LLM layers."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "schedule": Choice(
-            "topk", ("topk", "adaptive"), doc="exact geometric counts, or the calibrated per-instance rule"
-        ),
-        "prune_layers": Tuple(
-            None,
-            Int(0, ge=0),
-            min_length=1,
-            increasing=True,
-            none=True,
-            doc="decoder layers after which tokens are pruned; None = round(p L / 32) for p in (2, 8, 16)",
-        ),
-        "p": Tuple(
-            (0.90, 0.75, 0.55), Float(0.5, gt=0, le=1), min_length=1, doc="adaptive mass rule: mass per pruning layer"
-        ),
-        "spatial_rates": Tuple(
-            (1 / 16, 1 / 36, 0.0),
-            Float(0.0, ge=0, le=1),
-            min_length=1,
-            doc="spatial sampling rate R per pruning layer (lattice stride round(1 / sqrt(R)); 0 disables)",
-        ),
-        "gamma": Float(None, gt=0, none=True, doc="adaptive: calibrated scale of p and R (calibrate_gamma)"),
-        "rule": Choice("mass", ("mass", "z"), doc="adaptive redundancy rule: score mass p, or S >= 1/n + z_beta std"),
-        "z_beta": Float(0.5, doc="adaptive z rule: the std multiple"),
-        "n_min": Int(1, ge=1, doc="adaptive: fewest tokens kept per stage"),
-    }
+
+    schedule: str = Choice(
+        "topk", ("topk", "adaptive"), doc="exact geometric counts, or the calibrated per-instance rule"
+    )
+    prune_layers: tuple[int, ...] | None = Tuple(
+        None,
+        Int(0, ge=0),
+        min_length=1,
+        increasing=True,
+        none=True,
+        doc="decoder layers after which tokens are pruned; None = round(p L / 32) for p in (2, 8, 16)",
+    )
+    p: tuple[float, ...] = Tuple(
+        (0.90, 0.75, 0.55), Float(0.5, gt=0, le=1), min_length=1, doc="adaptive mass rule: mass per pruning layer"
+    )
+    spatial_rates: tuple[float, ...] = Tuple(
+        (1 / 16, 1 / 36, 0.0),
+        Float(0.0, ge=0, le=1),
+        min_length=1,
+        doc="spatial sampling rate R per pruning layer (lattice stride round(1 / sqrt(R)); 0 disables)",
+    )
+    gamma: float | None = Float(None, gt=0, none=True, doc="adaptive: calibrated scale of p and R (calibrate_gamma)")
+    rule: str = Choice("mass", ("mass", "z"), doc="adaptive redundancy rule: score mass p, or S >= 1/n + z_beta std")
+    z_beta: float = Float(0.5, doc="adaptive z rule: the std multiple")
+    n_min: int = Int(1, ge=1, doc="adaptive: fewest tokens kept per stage")
 
     def validate(self) -> None:
         o = self.options
@@ -254,10 +257,10 @@ class ATPPolicy(Policy):
             )
         unused = []  # options the chosen schedule / rule would silently ignore
         if o["schedule"] == "topk":
-            unused = [k for k in ("p", "gamma", "rule", "z_beta", "n_min") if o[k] != self.defaults[k]]
-        elif o["rule"] == "mass" and o["z_beta"] != self.defaults["z_beta"]:
+            unused = [k for k in ("p", "gamma", "rule", "z_beta", "n_min") if o[k] != self.option_defaults()[k]]
+        elif o["rule"] == "mass" and o["z_beta"] != self.option_defaults()["z_beta"]:
             unused = ["z_beta"]
-        elif o["rule"] == "z" and o["p"] != self.defaults["p"]:
+        elif o["rule"] == "z" and o["p"] != self.option_defaults()["p"]:
             unused = ["p"]
         if unused:
             raise PolicyOptionError(
@@ -270,25 +273,25 @@ class ATPPolicy(Policy):
         return "original"  # ATP keeps original position ids
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        self._info = info
-        layers = tuple(self.options["prune_layers"] or default_prune_layers(info.n_llm_layers))
+        """Plan.state: the pruning layers (a tuple of 0-based decoder layers; each stage acts after one)."""
+        layers = tuple(self.prune_layers or default_prune_layers(info.n_llm_layers))
         if layers[-1] + 1 >= info.n_llm_layers:
             raise PolicyOptionError(f"atp: prune layers {layers} leave no layer after the last one")
-        self._prune = layers
         return Plan(
             llm_layers=tuple(p + 1 for p in layers),
             llm_signals=tuple(LLMSignal("rows_from_visual", p) for p in layers),
+            state=layers,
         )
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """The topk schedule (exact); adaptive schedules vary per instance and are priced at the topk counts."""
-        self.plan(info, keep)
+        prune = self.plan(info, keep).state
         n = shape.n_content
         target = item_budget(keep, n)
-        if self.options["schedule"] == "topk":
-            check_atp_budget(keep, target, n, [n], self._prune, info.n_llm_layers)
-        counts = atp_schedule(target, n, self._prune, info.n_llm_layers)
-        stages = tuple(p + 1 for p in self._prune)
+        if self.schedule == "topk":
+            check_atp_budget(keep, target, n, [n], prune, info.n_llm_layers)
+        counts = atp_schedule(target, n, prune, info.n_llm_layers)
+        stages = tuple(p + 1 for p in prune)
         return Nominal(staged(n, counts, stages, info.n_llm_layers, shape.length - n))
 
     def _coords(self, ctx: LLMStageContext, b: int, visual: torch.Tensor) -> torch.Tensor:
@@ -303,14 +306,15 @@ class ATPPolicy(Policy):
 
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
         stage = ctx.layer - 1
-        index = self._prune.index(stage)
+        prune = ctx.state
+        index = prune.index(stage)
         rows = ctx.signals[LLMSignal("rows_from_visual", stage).key]
         layout = ctx.layout
-        adaptive = self.options["schedule"] == "adaptive"
+        adaptive = self.schedule == "adaptive"
         if adaptive:
-            masses, rates = adaptive_parameters(self.options["gamma"], self.options["p"], self.options["spatial_rates"])
+            masses, rates = adaptive_parameters(self.gamma, self.p, self.spatial_rates)
         else:
-            rates = list(self.options["spatial_rates"])
+            rates = list(self.spatial_rates)
         out = []
         for b, items in enumerate(ctx.items.per_sample):
             visual = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
@@ -322,15 +326,15 @@ class ATPPolicy(Policy):
             scores = atp_scores(rows[b], visual, text)
             spatial = spatial_mask(self._coords(ctx, b, visual), rates[index])
             if adaptive:
-                mass = masses[index] if self.options["rule"] == "mass" else None
-                z = self.options["z_beta"] if self.options["rule"] == "z" else None
-                kept = atp_select(scores, spatial, mass=mass, z_beta=z, n_min=self.options["n_min"])
+                mass = masses[index] if self.rule == "mass" else None
+                z = self.z_beta if self.rule == "z" else None
+                kept = atp_select(scores, spatial, mass=mass, z_beta=z, n_min=self.n_min)
             else:
                 input_visual = int((ctx.input_layout.valid[b] & ctx.input_layout.visual[b]).sum())
                 sizes = [it.shape.n_content for it in items]
                 target = sum(item_budget(ctx.keep, n) for n in sizes)
-                check_atp_budget(ctx.keep, target, input_visual, sizes, self._prune, ctx.info.n_llm_layers)
-                counts = atp_schedule(target, input_visual, self._prune, ctx.info.n_llm_layers)
+                check_atp_budget(ctx.keep, target, input_visual, sizes, prune, ctx.info.n_llm_layers)
+                counts = atp_schedule(target, input_visual, prune, ctx.info.n_llm_layers)
                 kept = atp_select(scores, spatial, count=min(counts[index], visual.numel()))
             out.append(Selection(visual[kept]))
         return out

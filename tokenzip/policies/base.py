@@ -1,28 +1,41 @@
 """The `Policy` base class: a policy plans its stages for a model and selects tokens at each one.
 
-Options are declared, not hand-checked: a policy lists each option once in `options_spec` as an `Option`
-(`Float`, `Int`, `Bool`, `Choice`, `Tuple`) with its default, the values allowed and a one-line description.
-`Policy.__init__` (hence `tokenzip.apply`) checks every value against its declaration (type, range, NaN / inf,
-tuple length and element types) and raises `PolicyOptionError` naming the option, the value and what is
-allowed; `defaults` is derived from the declarations. Checks that relate several options stay in `validate()`,
-checks that need the model (a layer index beyond its depth) in `plan()`.
+A policy is a frozen dataclass whose fields are its options. Each field is declared with one of the option
+constructors `Float`, `Int`, `Bool`, `Choice` and `Tuple`, which hold the default, the values allowed and a
+one-line description:
 
-    options_spec = {
-        "alpha": Float(0.1, ge=0, doc="anchor share of the budget: k_a = round(K * alpha / 5)"),
-        "object_layer": Int(None, ge=1, none=True, doc="1-based vision layer of the anchors; None = per family"),
-        "compat": Choice(None, (None, "official", "fixed"), doc="released rules or tokenzip's fixes"),
-        "p": Tuple((0.9, 0.75), Float(0.5, gt=0, le=1), min_length=1, doc="one mass per pruning layer"),
-        "inner": Bool(True, doc="run the inner merge"),
-    }
+    @register
+    @dataclass(frozen=True)
+    class MyPolicy(Policy):
+        '''What it does (help() shows it, with an Options section generated from the fields).'''
+
+        name: ClassVar[str] = "mine"
+        description: ClassVar[str] = "one line for list_policies()"
+
+        alpha: float = Float(0.1, ge=0, doc="anchor share of the budget: k_a = round(K * alpha / 5)")
+        object_layer: int | None = Int(None, ge=1, none=True, doc="1-based vision layer; None = per family")
+        compat: str | None = Choice(None, (None, "official", "fixed"), doc="released rules or tokenzip's fixes")
+        p: tuple[float, ...] = Tuple((0.9, 0.75), Float(0.5, gt=0, le=1), min_length=1, doc="one mass per layer")
+
+Construction checks every value against its declaration (type, range, NaN / inf, tuple length and element
+types), normalises it (ints given for floats become floats, lists become tuples) and raises `PolicyOptionError`
+naming the option, the value and what is allowed; an unknown option or a positional argument is refused the same
+way. Checks that relate several options go in `validate()`, checks that need the model in `plan()`.
+
+A policy object holds its options only: it is frozen, and everything it derives for one model (layers, signals,
+compat mode) is returned by `plan()` in `Plan.state` and handed back to every stage as `ctx.state`. So one
+instance may be applied to any number of models at once; `repr`, `==` and `hash` follow the options.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +54,8 @@ from ..contexts import (
 from ..errors import PolicyOptionError
 from ..items import ItemShape
 from .nominal import Nominal
+
+OPTION = "tokenzip.option"  # the dataclass field metadata key holding an option's `Option` declaration
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class Option:
     length: int | None = None
     min_length: int = 0
     increasing: bool = False
+    refused: tuple[tuple[Any, str], ...] = ()  # (value, why it is refused)
 
     def allowed(self) -> str:
         """What the option accepts, in words (used in error messages and `Policy.option_help`)."""
@@ -94,6 +110,9 @@ class Option:
 
     def check(self, policy: str, name: str, value: Any) -> Any:
         """`value` normalised (floats as float, ints as int, tuples as tuple), or `PolicyOptionError`."""
+        for refused, why in self.refused:
+            if type(value) is type(refused) and value == refused:
+                raise PolicyOptionError(f"{policy}: {name}={value!r} is not available: {why}")
         problem, normal = self._problem(value)
         if problem is not None:
             raise PolicyOptionError(
@@ -163,6 +182,21 @@ def _plural(text: str) -> str:
     return f"elements each {text}"
 
 
+def _field(option: Option) -> Any:
+    """A dataclass field declaring `option` (its default, with the declaration in the metadata)."""
+    return dataclasses.field(default=option.default, metadata={OPTION: option})
+
+
+def option_of(item: Any) -> Option:
+    """The `Option` of a tuple's element declaration (given as an option field or an `Option`)."""
+    if isinstance(item, Option):
+        return item
+    option = getattr(item, "metadata", {}).get(OPTION)
+    if option is None:
+        raise TypeError(f"a Tuple's item must be declared with Float, Int, Bool or Choice, got {item!r}")
+    return option
+
+
 def Float(
     default: float | None,
     *,
@@ -172,9 +206,9 @@ def Float(
     lt: float | None = None,
     none: bool = False,
     doc: str = "",
-) -> Option:
+) -> Any:
     """A real-number option (ints accepted and stored as float; bool, NaN and +-inf refused)."""
-    return Option(default, "float", doc, none, ge, gt, le, lt)
+    return _field(Option(default, "float", doc, none, ge, gt, le, lt))
 
 
 def Int(
@@ -186,88 +220,118 @@ def Int(
     lt: int | None = None,
     none: bool = False,
     doc: str = "",
-) -> Option:
+) -> Any:
     """An integer option (bool and floats such as 2.0 refused)."""
-    return Option(default, "int", doc, none, ge, gt, le, lt)
+    return _field(Option(default, "int", doc, none, ge, gt, le, lt))
 
 
-def Bool(default: bool, *, doc: str = "") -> Option:
+def Bool(default: bool, *, doc: str = "") -> Any:
     """A True / False option (1, 0, "yes" refused)."""
-    return Option(default, "bool", doc)
+    return _field(Option(default, "bool", doc))
 
 
-def Choice(default: Any, choices: Sequence[Any], *, doc: str = "") -> Option:
-    """One of `choices` (include None in `choices` to allow None)."""
-    return Option(default, "choice", doc, choices=tuple(choices))
+def Choice(default: Any, choices: Sequence[Any], *, doc: str = "", refused: Mapping[Any, str] | None = None) -> Any:
+    """One of `choices` (include None in `choices` to allow None). `refused`: values that are not choices but
+    deserve their own explanation (e.g. a published variant tokenzip cannot reproduce), value -> why."""
+    return _field(Option(default, "choice", doc, choices=tuple(choices), refused=tuple((refused or {}).items())))
 
 
 def Tuple(
     default: Sequence[Any] | None,
-    item: Option,
+    item: Any,
     *,
     length: int | None = None,
     min_length: int = 0,
     increasing: bool = False,
     none: bool = False,
     doc: str = "",
-) -> Option:
+) -> Any:
     """A tuple (a list is accepted and stored as a tuple) whose elements are each checked by `item` (e.g.
     `Float(0.5, gt=0, le=1)`; its own default is unused); length checks that need other options go in
     `Policy.validate`."""
     default = tuple(default) if default is not None else None
-    return Option(default, "tuple", doc, none, item=item, length=length, min_length=min_length, increasing=increasing)
+    item_option = option_of(item)
+    return _field(
+        Option(
+            default, "tuple", doc, none, item=item_option, length=length, min_length=min_length, increasing=increasing
+        )
+    )
 
 
-class Policy:
-    """Base class of all policies.
+class _PolicyType(type):
+    """Refuses positional arguments and unknown option names with a `PolicyOptionError` listing the options
+    (the dataclass `__init__` would raise a bare TypeError). Only for policy dataclasses: a plain subclass that
+    defines its own `__init__` is constructed as it says."""
 
-    A subclass sets `name`, `description` and `options_spec` (every option declared as an `Option` with its
-    default; `defaults` is derived from it), implements `plan` and the `select_*` method of each stage it uses.
-    Options are checked at construction: an unknown name raises `PolicyOptionError` listing the allowed ones, a
-    value outside its declaration one naming the option, the value and what is allowed; `validate()` then
-    checks combinations of options.
+    def __call__(cls, *args: Any, **options: Any) -> Any:
+        if "__dataclass_params__" not in cls.__dict__:  # a subclass with an __init__ of its own (test probes)
+            return super().__call__(*args, **options)
+        known = cls.option_specs()
+        if args:
+            raise PolicyOptionError(
+                f"policy {cls.name!r} takes its options by keyword, got positional {args!r}; its options are: "
+                f"{', '.join(known) or 'none'}"
+            )
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise PolicyOptionError(
+                f"policy {cls.name!r} has no option(s) {unknown}; its options are: {', '.join(sorted(known)) or 'none'}"
+            )
+        return super().__call__(**options)
 
-    A policy object passed to `tokenzip.apply` is copied: per-model state set by `plan` (e.g. `self._info`)
-    lives on that patch's private copy, so one instance may be applied to several models.
+
+@dataclass(frozen=True)
+class Policy(metaclass=_PolicyType):
+    """Base class of all policies (see the module docstring for how to declare one).
+
+    A subclass is a `@dataclass(frozen=True)` with `name` and `description` class variables and one field per
+    option; it implements `plan` and the `select_*` method of each stage it uses (or subclasses
+    `tokenzip.policies.scorer.ScorerPolicy` and implements `score` only). Register it with `@register`, or for a
+    package of its own with an entry point in the `tokenzip.policies` group.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    options_spec: ClassVar[dict[str, Option]] = {}
-    defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "options_spec" in cls.__dict__:
-            for option, spec in cls.options_spec.items():  # a wrong declaration fails at import
-                spec.check(cls.name or cls.__name__, option, spec.default)
-            cls.defaults = {option: spec.default for option, spec in cls.options_spec.items()}
-
-    def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise PolicyOptionError(f"policy {self.name!r} has no option(s) {unknown}; its options are: {allowed}")
-        self.options: dict[str, Any] = {**self.defaults, **options}
-        self.check_options()
-
-    def check_options(self) -> None:
-        """Check every option against its declaration (normalising the stored values), then `validate()`."""
-        for option, spec in self.options_spec.items():
-            self.options[option] = spec.check(self.name, option, self.options.get(option, spec.default))
+    def __post_init__(self) -> None:
+        for option, spec in self.option_specs().items():
+            object.__setattr__(self, option, spec.check(self.name, option, getattr(self, option)))
         self.validate()
 
-    def validate(self) -> None:
-        """Checks that relate several options; raise `PolicyOptionError` naming them and what is allowed."""
+    # ------------------------------------------------------------------------------------------ options
+    @classmethod
+    def option_specs(cls) -> dict[str, Option]:
+        """Option name -> its declaration, in declaration order."""
+        return {f.name: f.metadata[OPTION] for f in dataclasses.fields(cls) if OPTION in f.metadata}
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Option name -> default."""
+        return {option: spec.default for option, spec in cls.option_specs().items()}
 
     @classmethod
     def option_help(cls) -> dict[str, str]:
-        """Option name -> "default ...; allowed ...; description" (for docs and the CLI)."""
+        """Option name -> "default ...; allowed ...; description" (for docs, help() and the CLI)."""
         return {
             option: f"default {spec.default!r}; {spec.allowed()}" + (f"; {spec.doc}" if spec.doc else "")
-            for option, spec in cls.options_spec.items()
+            for option, spec in cls.option_specs().items()
         }
 
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """The option values (read-only; `dataclasses.replace(policy, name=value)` makes a changed copy)."""
+        return MappingProxyType({option: getattr(self, option) for option in self.option_specs()})
+
+    def validate(self) -> None:
+        """Checks that relate several options; raise `PolicyOptionError` naming them and what is allowed. May
+        normalise values with `self._normalise(option=value)` (e.g. a preset filling in other options)."""
+
+    def _normalise(self, **values: Any) -> None:
+        """Set options during `validate` (the dataclass is frozen afterwards)."""
+        for option, value in values.items():
+            object.__setattr__(self, option, value)
+
+    # ------------------------------------------------------------------------------------------ model side
     def default_positions(self, info: ModelInfo) -> str:
         """Position mode used when `apply` gets no `positions`: the LLaVA convention (compact) where defined."""
         return "compact" if info.supports_compact_positions else "original"
@@ -279,12 +343,14 @@ class Policy:
         return "layout"
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        """The stages and signals this policy uses on a model described by `info`."""
+        """The stages and signals this policy uses on a model described by `info`, and in `Plan.state` what it
+        derived for that model (handed back to every stage as `ctx.state`)."""
         raise NotImplementedError
 
     def nominal(self, info: ModelInfo, shape: ItemShape, keep: Keep) -> Nominal:
         """Predicted tokens of one item per decoder layer on a model described by `info` (see
-        `tokenzip.policies.nominal`); used to price the policy without running it."""
+        `tokenzip.policies.nominal`); used to price the policy without running it (`tokenzip flops`,
+        `benchmarks/flops_table.py`). Every registered policy implements it."""
         raise NotImplementedError(f"policy {self.name!r} has no nominal schedule")
 
     def select_vision(self, ctx: VisionStageContext) -> list[Selection | torch.Tensor]:
@@ -309,14 +375,31 @@ class Policy:
         """After prefill: {layer: per-sample `Selection` of the visual slots kept in that layer's KV cache}."""
         raise NotImplementedError(f"policy {self.name!r} has no decode stage")
 
-    def _check_choice(self, option: str, allowed: tuple) -> None:
-        value = self.options[option]
-        if value not in allowed:
-            raise PolicyOptionError(f"{self.name}: {option}={value!r} is not allowed; choose one of {list(allowed)}")
 
-    def _check_int(self, option: str, minimum: int = 0, allow_none: bool = False) -> None:
-        value = self.options[option]
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise PolicyOptionError(f"{self.name}: {option} must be an int >= {minimum}, got {value!r}")
+def check_policy_class(cls: type) -> None:
+    """Refuse a policy class that cannot be constructed safely (raises TypeError at registration): not a Policy,
+    no name, not a frozen dataclass of its own, a field without an option declaration, a default its own
+    declaration refuses."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise TypeError(f"{cls!r} is not a tokenzip Policy subclass")
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name (set name: ClassVar[str] = '...')")
+    params = cls.__dict__.get("__dataclass_params__")
+    if params is None or not params.frozen:
+        raise TypeError(f"{cls.__name__} must be declared with @dataclass(frozen=True) (its fields are its options)")
+    for f in dataclasses.fields(cls):
+        if OPTION not in f.metadata:
+            raise TypeError(
+                f"{cls.__name__}.{f.name} is a field without an option declaration; declare it with Float, Int, "
+                "Bool, Choice or Tuple (derived per-model values belong in Plan.state)"
+            )
+        spec = f.metadata[OPTION]
+        spec.check(cls.name, f.name, spec.default)
+
+
+def options_doc(cls: type[Policy]) -> str:
+    """An 'Options' section for the class docstring: one entry per option with its default and what is allowed."""
+    lines = ["", "Options:"]
+    for option, text in cls.option_help().items():
+        lines.append(f"    {option}: {text}")
+    return "\n".join(lines) if len(lines) > 2 else ""

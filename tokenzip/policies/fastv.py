@@ -10,77 +10,45 @@ parametrisation), ignoring `keep` for the count.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+
+import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, infeasible_budget, item_budget, one_stage_llm_count
-from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
-from ..errors import PolicyOptionError
-from ..ops.topk import topk_keep_order
-from .base import Float, Int, Option, Policy
-from .nominal import Nominal, staged
+from ..budget import Keep, one_stage_count
+from ..contexts import LLMSignal, LLMStageContext
+from .base import Float, Int
 from .registry import register
+from .scorer import LLMScorerPolicy
 
 
 def fastv_count(
     target: float, n_visual: int, layer: int, n_layers: int, keep: Keep | None = None, sizes: list[int] | None = None
 ) -> int:
-    """Tokens kept from layer `layer` on so the layer-averaged count meets `target` (see module doc).
-
-    Raises `BudgetError` naming the smallest reachable keep (for items of `sizes` content tokens, default one item
-    of `n_visual`) when even one token from layer `layer` on would overshoot `target` by more than half a token."""
-    if n_visual <= 0:
-        return 0
-    r = one_stage_llm_count(target, n_visual, layer, n_layers)
-    if r < 0.5:
-        minimum = (layer * n_visual + (n_layers - layer)) / n_layers
-        reason = f"at layer {layer} of {n_layers} the first {layer} layers see all {n_visual}; lower layer"
-        raise infeasible_budget("fastv", reason, keep, target, minimum, sizes or [n_visual])
-    return min(n_visual, max(1, round(r)))
+    """Tokens kept from layer `layer` on so the layer-averaged count meets `target` (`budget.one_stage_count`)."""
+    return one_stage_count("fastv", target, n_visual, layer, n_layers, keep, sizes or [n_visual])
 
 
 @register
-class FastVPolicy(Policy):
+@dataclass(frozen=True)
+class FastVPolicy(LLMScorerPolicy):
+    """FastV: at decoder layer K keep the visual tokens the last prompt token attended to most in layer K-1."""
+
     name = "fastv"
     description = "FastV: drop visual tokens at LLM layer K by the last token's attention at layer K-1."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "layer": Int(2, ge=1, doc="decoder layer K the pruning happens before (scores from layer K-1)"),
-        "ratio": Float(
-            None, gt=0, le=1, none=True, doc="R = round(ratio * N) kept from layer K (ignores keep); None = from keep"
-        ),
-    }
 
-    def default_positions(self, info: ModelInfo) -> str:
-        return "original"
+    layer: int = Int(2, ge=1, doc="decoder layer K the pruning happens before (scores from layer K-1)")
+    ratio: float | None = Float(
+        None, gt=0, le=1, none=True, doc="R = round(ratio * N) kept from layer K (ignores keep); None = from keep"
+    )
 
-    def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        k = self.options["layer"]
-        if k >= info.n_llm_layers:
-            raise PolicyOptionError(
-                f"fastv: layer={k} but the LLM has {info.n_llm_layers} layers (0..{info.n_llm_layers - 1})"
-            )
-        return Plan(llm_layers=(k,), llm_signals=(LLMSignal("last_row", k - 1),))
+    def signals(self, info: ModelInfo) -> tuple[LLMSignal, ...]:
+        return (LLMSignal("last_row", self.layer - 1),)
 
-    def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
-        k, n = self.options["layer"], shape.n_content
-        if self.options["ratio"] is not None:
-            kept = min(n, max(1, round(float(self.options["ratio"]) * n)))
-        else:
-            kept = fastv_count(item_budget(keep, n), n, k, info.n_llm_layers, keep)
-        return Nominal(staged(n, [kept], (k,), info.n_llm_layers, shape.length - n))
+    def score(self, ctx: LLMStageContext) -> torch.Tensor:
+        return ctx.signals[LLMSignal("last_row", self.layer - 1).key]
 
-    def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
-        k = self.options["layer"]
-        scores = ctx.signals[LLMSignal("last_row", k - 1).key]
-        layout = ctx.layout
-        out = []
-        for b, target in enumerate(ctx.item_targets()):
-            slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
-            n = slots.numel()
-            if self.options["ratio"] is not None:
-                count = min(n, max(1, round(float(self.options["ratio"]) * n)))
-            else:
-                sizes = [it.shape.n_content for it in ctx.items.per_sample[b]]
-                count = fastv_count(target, n, k, ctx.info.n_llm_layers, ctx.keep, sizes)
-            out.append(Selection(slots[topk_keep_order(scores[b, slots], count)]))
-        return out
+    def count(self, n_visual: int, target: int, n_layers: int, keep: Keep, sizes: list[int]) -> int:
+        if self.ratio is not None:
+            return min(n_visual, max(1, round(float(self.ratio) * n_visual)))
+        return fastv_count(target, n_visual, self.layer, n_layers, keep, sizes)

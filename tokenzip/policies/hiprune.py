@@ -22,7 +22,7 @@ Per family (see the spec for the full table):
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,7 @@ from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection, VisionSignal
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
-from .base import Choice, Float, Int, Option, Policy
+from .base import Choice, Float, Int, Policy
 from .common import NEWLINE_MODES, structural_to_keep
 from .nominal import Nominal, structural
 from .registry import register
@@ -95,7 +95,7 @@ def hiprune_select(
 def default_layers(info: ModelInfo) -> tuple[int, int]:
     """(object, deep) 0-based vision layers: the spec's per-family defaults, scaled for other depths."""
     n = info.n_vision_layers
-    if info.family == "qwen2_5_vl":
+    if info.vision_windowed:
         full = info.vision_full_attention_layers
         return (full[len(full) // 2 - 1] if len(full) >= 2 else full[0]), n - 1
     deep = info.vision_feature_layer if info.vision_feature_layer is not None else n - 1
@@ -105,68 +105,87 @@ def default_layers(info: ModelInfo) -> tuple[int, int]:
 COMPAT = {"official": ("flat", "minus_one"), "fixed": ("grid", "mask")}
 
 
+@dataclass(frozen=True)
+class HiPruneState:
+    """What `HiPrunePolicy.plan` derives for one model."""
+
+    object_signal: VisionSignal  # anchor scores (the object layer)
+    deep_signal: VisionSignal  # register scores (the deep layer)
+    compat: str  # "official" or "fixed"
+    neighbors: str  # "flat" or "grid"
+    exclude: str  # "minus_one" or "mask"
+    column_sum: bool  # Qwen2.5-VL official: scores as the released column sum (mean x segment length)
+
+
 @register
+@dataclass(frozen=True)
 class HiPrunePolicy(Policy):
+    """HiPrune: anchors from a middle vision layer with their grid neighbours as buffers, the rest of the budget
+    as registers from the deep layer; kept tokens stay in raster order (see the module docstring per family)."""
+
     name = "hiprune"
     description = "HiPrune: anchors + grid buffers from a middle ViT layer, registers from the deep layer (pre-LLM)."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "alpha": Float(0.1, ge=0, le=5, doc="anchor share: k_a = round(K * alpha / 5) anchors (<= K)"),
-        "object_layer": Int(
-            None, ge=1, none=True, doc="1-based vision layer of the anchor scores; None = the family default"
-        ),
-        "compat": Choice(
-            None, (None, "official", "fixed"), doc="released rules or tokenzip's fixes; None = per family"
-        ),
-        "neighbors": Choice(None, (None, "flat", "grid"), doc="buffer neighbours; None = from compat"),
-        "exclude": Choice(None, (None, "minus_one", "mask"), doc="candidate exclusion; None = from compat"),
-        "newlines": Choice("drop", NEWLINE_MODES, doc="OneVision per-row newline tokens"),
-        "score_dtype": Choice(
-            "float32",
-            ("float32", "model"),
-            doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
-            "model dtype)",
-        ),
-    }
+
+    alpha: float = Float(0.1, ge=0, le=5, doc="anchor share: k_a = round(K * alpha / 5) anchors (<= K)")
+    object_layer: int | None = Int(
+        None, ge=1, none=True, doc="1-based vision layer of the anchor scores; None = the family default"
+    )
+    compat: str | None = Choice(
+        None, (None, "official", "fixed"), doc="released rules or tokenzip's fixes; None = per family"
+    )
+    neighbors: str | None = Choice(None, (None, "flat", "grid"), doc="buffer neighbours; None = from compat")
+    exclude: str | None = Choice(None, (None, "minus_one", "mask"), doc="candidate exclusion; None = from compat")
+    newlines: str = Choice("drop", NEWLINE_MODES, doc="OneVision per-row newline tokens")
+    score_dtype: str = Choice(
+        "float32",
+        ("float32", "model"),
+        doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
+        "model dtype)",
+    )
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         obj, deep = default_layers(info)
-        if self.options["object_layer"] is not None:
-            obj = self.options["object_layer"] - 1
+        if self.object_layer is not None:
+            obj = self.object_layer - 1
             if obj >= info.n_vision_layers:
                 raise PolicyOptionError(
                     f"hiprune: object_layer={obj + 1} but the vision tower has {info.n_vision_layers} layers"
                 )
-            if info.family == "qwen2_5_vl" and obj not in info.vision_full_attention_layers:
+            if obj not in info.vision_full_attention_layers:
                 warnings.warn(
-                    f"hiprune: Qwen2.5-VL vision block {obj} uses windowed attention; its scores are computed "
+                    f"hiprune: vision block {obj} uses windowed attention; its scores are computed "
                     "inside the windows (full-attention blocks: "
                     f"{list(info.vision_full_attention_layers)})",
                     stacklevel=2,
                 )
-        self._info, self._layers = info, (obj, deep)
-        dtype = self.options["score_dtype"]
-        signals = (VisionSignal("received", obj, dtype), VisionSignal("received", deep, dtype))
-        return Plan(pre_llm=True, vision_signals=tuple(dict.fromkeys(signals)))
+        mode = self.rules(info)
+        state = HiPruneState(
+            VisionSignal("received", obj, self.score_dtype),
+            VisionSignal("received", deep, self.score_dtype),
+            mode,
+            self.neighbors or COMPAT[mode][0],
+            self.exclude or COMPAT[mode][1],
+            column_sum=info.vision_windowed and mode == "official",
+        )
+        signals = tuple(dict.fromkeys((state.object_signal, state.deep_signal)))
+        return Plan(pre_llm=True, vision_signals=signals, state=state)
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """K per item (exact); newlines as `newlines` ('keep_nonempty_rows' assumes every row kept)."""
         budget = item_budget(keep, shape.n_content)
-        return Nominal([budget + structural(shape, self.options["newlines"])] * info.n_llm_layers)
+        return Nominal([budget + structural(shape, self.newlines)] * info.n_llm_layers)
 
-    def compat(self) -> str:
-        if self.options["compat"] is not None:
-            return self.options["compat"]
-        return "official" if self._info.family == "llava" else "fixed"
+    def rules(self, info: ModelInfo) -> str:
+        """`compat`, or the family default: "official" on LLaVA-1.5, "fixed" elsewhere."""
+        if self.compat is not None:
+            return self.compat
+        return "official" if info.reference_architecture else "fixed"
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
-        mode = self.compat()
-        neighbors = self.options["neighbors"] or COMPAT[mode][0]
-        exclude = self.options["exclude"] or COMPAT[mode][1]
-        obj, deep = self._layers
-        dtype = self.options["score_dtype"]
-        s_obj = ctx.signals[VisionSignal("received", obj, dtype).key]
-        s_deep = ctx.signals[VisionSignal("received", deep, dtype).key]
-        if self._info.family == "qwen2_5_vl" and mode == "official":
+        state: HiPruneState = ctx.state
+        s_obj = ctx.signals[state.object_signal.key]
+        s_deep = ctx.signals[state.deep_signal.key]
+        if state.column_sum:
             segment = 4 * ctx.item.shape.parts[0].rows * ctx.item.shape.parts[0].cols  # patches per slice
             s_obj, s_deep = s_obj * segment, s_deep * segment
         units = grid_units(ctx.item.shape)
@@ -181,9 +200,9 @@ class HiPrunePolicy(Policy):
                 continue
             cells = unit.cells.to(s_obj.device)
             local = hiprune_select(
-                s_obj[cells], s_deep[cells], share, self.options["alpha"], unit.cols, neighbors, exclude
+                s_obj[cells], s_deep[cells], share, self.alpha, unit.cols, state.neighbors, state.exclude
             )
             kept.append(cells[local])
         content = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-        extra = structural_to_keep(ctx.item.shape, content.cpu(), self.options["newlines"])
+        extra = structural_to_keep(ctx.item.shape, content.cpu(), self.newlines)
         return Selection(torch.cat([content.cpu(), extra]))

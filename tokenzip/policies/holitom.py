@@ -38,7 +38,7 @@ and OneVision compact positions at the outer stage.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,7 @@ from ..contexts import LLMSignal, LLMStageContext, Plan, PreLLMItem, Selection, 
 from ..errors import PolicyOptionError
 from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Bool, Choice, Float, Int, Option, Policy
+from .base import Bool, Choice, Float, Int, Policy
 from .common import structural_to_keep
 from .nominal import Nominal, staged
 from .registry import register
@@ -258,33 +258,50 @@ def default_inner_layer(n_layers: int) -> int:
     return round(18 * n_layers / 28)
 
 
+@dataclass(frozen=True)
+class HoliTomState:
+    """What `HoliTomPolicy.plan` derives for one model."""
+
+    n_llm_layers: int
+    layer: int  # decoder layer K of the inner merge
+    signal: VisionSignal  # the outer stage's attention scores
+    noise: str  # density tie noise: "off", "global" or "seeded"
+
+
 @register
+@dataclass(frozen=True)
 class HoliTomPolicy(Policy):
+    """HoliTom: outside the LLM, temporal segmentation of a video with static tokens merged per segment and
+    dynamic ones clustered per frame (images: attention top-k); inside it, a merge at decoder layer K."""
+
     name = "holitom"
     description = "HoliTom: temporal DP segmentation + static clustering + dynamic top-k; inner LLM merge (video)."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "rho": Float(
-            None, gt=0, le=1, none=True, doc="fraction entering the LLM (official presets); None = derived from keep"
-        ),
-        "tau": Float(
-            None, ge=-1, le=1, none=True, doc="static-token cosine threshold; None = 0.65 if rho <= 0.10 else 0.80"
-        ),
-        "beta": Float(0.6, ge=0, le=1, none=True, doc="merged = beta centre + (1 - beta) mean; None = plain mean"),
-        "D": Int(0, ge=0, doc="contextual clustering of dynamic tokens (only 0, the official default)"),
-        "knn": Int(7, ge=1, doc="neighbours of the DPC-kNN density"),
-        "max_window": Int(1024, ge=2, doc="longest segment of the temporal DP (frames)"),
-        "inner": Bool(True, doc="run the inner-LLM merge"),
-        "inner_layer": Int(None, ge=1, none=True, doc="decoder layer K of the inner merge; None = round(18 L / 28)"),
-        "inner_r": Float(
-            0.5, ge=0, lt=1, doc="inner merge ratio r: sets rho from keep (the count is then solved); fixed with rho"
-        ),
-        "tie_noise": Choice(
-            None, (None, "seeded", "global", "off"), doc="density tie noise; None = off on Qwen2.5-VL, else seeded"
-        ),
-        "noise_seed": Int(0, ge=0, doc="seed of tie_noise='seeded'"),
-        "noncausal_km1": Bool(False, doc="layer K - 1 attends non-causally for the inner scores (official option)"),
-        "image_mode": Choice("topk", ("topk", "passthrough"), doc="images: top ceil(N rho), or untouched (official)"),
-    }
+
+    rho: float | None = Float(
+        None, gt=0, le=1, none=True, doc="fraction entering the LLM (official presets); None = derived from keep"
+    )
+    tau: float | None = Float(
+        None, ge=-1, le=1, none=True, doc="static-token cosine threshold; None = 0.65 if rho <= 0.10 else 0.80"
+    )
+    beta: float | None = Float(
+        0.6, ge=0, le=1, none=True, doc="merged = beta centre + (1 - beta) mean; None = plain mean"
+    )
+    D: int = Int(0, ge=0, doc="contextual clustering of dynamic tokens (only 0, the official default)")
+    knn: int = Int(7, ge=1, doc="neighbours of the DPC-kNN density")
+    max_window: int = Int(1024, ge=2, doc="longest segment of the temporal DP (frames)")
+    inner: bool = Bool(True, doc="run the inner-LLM merge")
+    inner_layer: int | None = Int(
+        None, ge=1, none=True, doc="decoder layer K of the inner merge; None = round(18 L / 28)"
+    )
+    inner_r: float = Float(
+        0.5, ge=0, lt=1, doc="inner merge ratio r: sets rho from keep (the count is then solved); fixed with rho"
+    )
+    tie_noise: str | None = Choice(
+        None, (None, "seeded", "global", "off"), doc="density tie noise; None = off on Qwen2.5-VL, else seeded"
+    )
+    noise_seed: int = Int(0, ge=0, doc="seed of tie_noise='seeded'")
+    noncausal_km1: bool = Bool(False, doc="layer K - 1 attends non-causally for the inner scores (official option)")
+    image_mode: str = Choice("topk", ("topk", "passthrough"), doc="images: top ceil(N rho), or untouched (official)")
 
     def validate(self) -> None:
         o = self.options
@@ -295,8 +312,8 @@ class HoliTomPolicy(Policy):
             )
         unused = []  # options another option's value would silently ignore
         if not o["inner"]:
-            unused += [k for k in ("inner_layer", "inner_r", "noncausal_km1") if o[k] != self.defaults[k]]
-        if o["tie_noise"] in ("global", "off") and o["noise_seed"] != self.defaults["noise_seed"]:
+            unused += [k for k in ("inner_layer", "inner_r", "noncausal_km1") if o[k] != self.option_defaults()[k]]
+        if o["tie_noise"] in ("global", "off") and o["noise_seed"] != self.option_defaults()["noise_seed"]:
             unused.append("noise_seed")
         if unused:
             raise PolicyOptionError(
@@ -306,24 +323,22 @@ class HoliTomPolicy(Policy):
             )
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        self._info = info
-        layer = self.options["inner_layer"] or default_inner_layer(info.n_llm_layers)
-        if self.options["inner"] and not 1 <= layer < info.n_llm_layers:
+        layer = self.inner_layer or default_inner_layer(info.n_llm_layers)
+        if self.inner and not 1 <= layer < info.n_llm_layers:
             raise PolicyOptionError(f"holitom: inner_layer={layer} is outside 1..{info.n_llm_layers - 1}")
-        self._layer = layer
-        if info.family == "qwen2_5_vl":
-            self._signal = VisionSignal("received", info.n_vision_layers - 1)
-        else:
-            self._signal = VisionSignal("received", info.vision_feature_layer)
-        inner = self.options["inner"]
+        signal = VisionSignal("received", info.vision_feature_layer)
+        noise = self.tie_noise or ("off" if info.vision_windowed else "seeded")  # the released Qwen port: none
+        state = HoliTomState(info.n_llm_layers, layer, signal, noise)
+        inner = self.inner
         return Plan(
+            state=state,
             pre_llm=True,
             llm_layers=(layer,) if inner else (),
-            vision_signals=(self._signal,),
+            vision_signals=(signal,),
             llm_signals=(LLMSignal("last_row", layer - 1),) if inner else (),
             llm_structural=True,
             llm_keep_positions=True,
-            noncausal_layers=(layer - 1,) if inner and self.options["noncausal_km1"] else (),
+            noncausal_layers=(layer - 1,) if inner and self.noncausal_km1 else (),
         )
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
@@ -331,23 +346,23 @@ class HoliTomPolicy(Policy):
         image (+ its newlines, every row assumed kept), rho lowered by `_fit_rho` when the inner stage could not
         reach the budget from that count; inner: the structural tokens + the content count `_inner_count` solves
         from the outer one (round(n (1 - r)) of the span with an explicit `rho`)."""
-        self.plan(info, keep)
-        rho, _, r = self._ratios(keep, shape.n_content)
-        cap = self._outer_cap(keep, shape.n_content)
+        state: HoliTomState = self.plan(info, keep).state
+        rho, _, r = self._ratios(state, keep, shape.n_content)
+        cap = self._outer_cap(state, keep, shape.n_content)
         if shape.modality == "video":
             part = shape.parts[0]
             per_frame = part.rows * part.cols
             singles = [(f, f) for f in range(part.frames)]
             no_static = torch.zeros(max(part.frames - 1, 0), per_frame, dtype=torch.bool)
             rho = self._fit_rho(
-                keep, shape.n_content, rho, cap, lambda x: outer_count(singles, no_static, per_frame, x)
+                state, keep, shape.n_content, rho, cap, lambda x: outer_count(singles, no_static, per_frame, x)
             )
             outer = part.frames * math.ceil(per_frame * rho) + shape.trailing
-        elif self.options["image_mode"] == "passthrough":
+        elif self.image_mode == "passthrough":
             outer = shape.length
         else:
             outer = self._image_keep(shape.n_content, rho, cap) + (shape.length - shape.n_content)
-        if not self.options["inner"]:
+        if not self.inner:
             return Nominal([outer] * info.n_llm_layers)
         if not self._solves_inner():
             inner = max(1, round(outer * (1 - r)))
@@ -355,19 +370,19 @@ class HoliTomPolicy(Policy):
             structural = shape.length - shape.n_content if shape.modality != "video" else shape.trailing
             n0 = outer - structural
             target = item_budget(keep, shape.n_content)
-            inner = structural + self._inner_count(keep, target, n0, [shape.n_content], info.n_llm_layers)
-        return Nominal(staged(outer, [inner], (self._layer,), info.n_llm_layers, 0))
+            inner = structural + self._inner_count(state, keep, target, n0, [shape.n_content])
+        return Nominal(staged(outer, [inner], (state.layer,), info.n_llm_layers, 0))
 
-    def _outer_cap(self, keep: Keep, n_content: int) -> int | None:
+    def _outer_cap(self, state: HoliTomState, keep: Keep, n_content: int) -> int | None:
         """The most content tokens the outer stage may let through for the solved inner count to reach the item's
         budget T within one token: K n_0 + (L - K) <= L (T + 1) (None: no cap, the inner count is not solved)."""
-        if not (self.options["inner"] and self._solves_inner()):
+        if not (self.inner and self._solves_inner()):
             return None
-        n_layers, layer = self._info.n_llm_layers, self._layer
+        n_layers, layer = state.n_llm_layers, state.layer
         target = item_budget(keep, n_content)
         return (n_layers * (target + 1) - (n_layers - layer)) // layer
 
-    def _fit_rho(self, keep: Keep, n_content: int, rho: float, cap: int | None, count_of) -> float:
+    def _fit_rho(self, state: HoliTomState, keep: Keep, n_content: int, rho: float, cap: int | None, count_of) -> float:
         """rho, or a lower ratio when `count_of(rho)` (the outer count) exceeds `cap`: rho <- rho cap / count until
         it fits (the per-frame ceilings of a short video can push the outer count past what the inner stage can
         bring back to the budget). Raises `BudgetError` when even the smallest outer count does not fit."""
@@ -383,7 +398,7 @@ class HoliTomPolicy(Policy):
         floor = count_of(1e-12)  # the smallest outer count (one token per frame / dynamic run)
         if floor <= cap:
             return 1e-12
-        n_layers, layer = self._info.n_llm_layers, self._layer
+        n_layers, layer = state.n_llm_layers, state.layer
         reason = (
             f"the first {layer} of {n_layers} layers see at least the {floor} tokens the outer stage keeps; pass a "
             "later inner_layer or inner=False"
@@ -406,16 +421,16 @@ class HoliTomPolicy(Policy):
     def _solves_inner(self) -> bool:
         """Whether the inner count is solved for `keep` (not with an explicit `rho` or image_mode="passthrough",
         which follow the official fixed r and let the layer average follow them, not keep)."""
-        return self.options["rho"] is None and self.options["image_mode"] == "topk"
+        return self.rho is None and self.image_mode == "topk"
 
-    def _inner_count(self, keep: Keep, target: int, n0: int, sizes: list[int], n_layers: int) -> int:
+    def _inner_count(self, state: HoliTomState, keep: Keep, target: int, n0: int, sizes: list[int]) -> int:
         """Content tokens the inner stage keeps so that the layer average (K layers of n0, L - K of the result)
         meets `target`: round((L target - K n0) / (L - K)) within [1, n0] (tokenzip: the fixed r = inner_r
         misses the budget when the outer stage overshoots it -- ceilings per frame, newlines in the span).
         Raises `BudgetError` when even one token would overshoot `target` by more than one token per item."""
         if n0 <= 0:
             return 0
-        layer = self._layer
+        n_layers, layer = state.n_llm_layers, state.layer
         count = min(n0, max(1, round((n_layers * target - layer * n0) / (n_layers - layer))))
         average = (layer * n0 + (n_layers - layer) * count) / n_layers
         if average - target > len(sizes):
@@ -429,27 +444,27 @@ class HoliTomPolicy(Policy):
     def _fraction(self, keep: Keep, n_content: int) -> float:
         return item_budget(keep, n_content) / n_content
 
-    def _ratios(self, keep: Keep, n_content: int) -> tuple[float, float, float]:
+    def _ratios(self, state: HoliTomState, keep: Keep, n_content: int) -> tuple[float, float, float]:
         """(rho, tau, inner r) for an item of n_content tokens."""
         rho, r = holitom_ratio(
             self._fraction(keep, n_content),
-            self._info.n_llm_layers,
-            self._layer,
-            self.options["inner_r"],
-            self.options["inner"],
+            state.n_llm_layers,
+            state.layer,
+            self.inner_r,
+            self.inner,
         )
-        if self.options["rho"] is not None:
-            rho = self.options["rho"]
-        tau = self.options["tau"] if self.options["tau"] is not None else (0.65 if rho <= 0.10 else 0.80)
+        if self.rho is not None:
+            rho = self.rho
+        tau = self.tau if self.tau is not None else (0.65 if rho <= 0.10 else 0.80)
         return rho, tau, r
 
-    def _noise(self):
-        mode = self.options["tie_noise"] or ("off" if self._info.family == "qwen2_5_vl" else "seeded")
+    def _noise(self, mode: str):
+        """The density tie noise of `mode` ("off", "global" or "seeded"), a function n -> [n] noise, or None."""
         if mode == "off":
             return None
         if mode == "global":
             return lambda n: torch.rand(n) * 1e-6
-        seed = self.options["noise_seed"]
+        seed = self.noise_seed
         return lambda n: torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 1e-6
 
     # ------------------------------------------------------------------------------------------ outer
@@ -457,26 +472,28 @@ class HoliTomPolicy(Policy):
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         shape = ctx.item.shape
         video = ctx.item.modality == "video"
-        if not video and self.options["image_mode"] == "passthrough":
+        if not video and self.image_mode == "passthrough":
             return Selection(ctx.available, ordered=True)
-        rho, tau, _ = self._ratios(ctx.keep, shape.n_content)
+        state: HoliTomState = ctx.state
+        rho, tau, _ = self._ratios(state, ctx.keep, shape.n_content)
         dev = ctx.embeds.device
-        scores = ctx.signals[self._signal.key]
+        scores = ctx.signals[state.signal.key]
         content = ctx.content_available
         if video:
             part = shape.parts[0]
             per_frame = part.rows * part.cols
             frames = ctx.embeds[content.to(dev)].reshape(part.frames, per_frame, -1)
             attention = scores[content.to(dev)].reshape(part.frames, per_frame)
-            segmentation, cap = None, self._outer_cap(ctx.keep, shape.n_content)
+            segmentation, cap = None, self._outer_cap(state, ctx.keep, shape.n_content)
             if cap is not None and part.frames > 1:  # lower rho if the inner stage could not reach the budget
                 static = temporal_similarity(frames.detach())
-                segmentation = segment_frames(static, tau, self.options["max_window"])
+                segmentation = segment_frames(static, tau, self.max_window)
                 static = static > tau
             else:
                 static = torch.zeros(0, per_frame, dtype=torch.bool, device=dev)
             segments, saved = segmentation or ([(0, 0)], 0.0)
             rho = self._fit_rho(
+                state,
                 ctx.keep,
                 shape.n_content,
                 rho,
@@ -488,16 +505,16 @@ class HoliTomPolicy(Policy):
                 attention,
                 rho,
                 tau,
-                self.options["beta"],
-                self.options["knn"],
-                self.options["max_window"],
-                self._noise(),
+                self.beta,
+                self.knn,
+                self.max_window,
+                self._noise(state.noise),
                 segmentation,
             )
             local = content.to(dev)[reps[:, 0] * per_frame + reps[:, 1]]
             tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # trailing newline
             return Selection(torch.cat([local, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True)
-        count = self._image_keep(content.numel(), rho, self._outer_cap(ctx.keep, shape.n_content))
+        count = self._image_keep(content.numel(), rho, self._outer_cap(state, ctx.keep, shape.n_content))
         kept = content[torch.sort(topk_stable(scores[content.to(dev)], count)).values.cpu()]
         extra = structural_to_keep(shape, kept, "keep_nonempty_rows")  # HoliTom's grid newline rule
         return Selection(torch.cat([kept, extra]))
@@ -514,7 +531,7 @@ class HoliTomPolicy(Policy):
                 out.append(Selection(torch.zeros(0, dtype=torch.long)))
                 continue
             n_content = sum(it.shape.n_content for it in items)
-            _, _, r = self._ratios(ctx.keep, n_content)
+            _, _, r = self._ratios(ctx.state, ctx.keep, n_content)
             if not self._solves_inner():  # official: top round(n (1 - r)) of the whole span, newlines included
                 kept, values = inner_merge(ctx.hidden_states[b, span], weights[b, span], r)
                 out.append(Selection(span[kept], values))
@@ -524,7 +541,7 @@ class HoliTomPolicy(Policy):
             content, structural = span[is_content], span[~is_content]
             sizes = [it.shape.n_content for it in items]
             target = sum(item_budget(ctx.keep, n) for n in sizes)
-            want = self._inner_count(ctx.keep, target, content.numel(), sizes, ctx.info.n_llm_layers)
+            want = self._inner_count(ctx.state, ctx.keep, target, content.numel(), sizes)
             if want == 0:
                 out.append(Selection(span))
                 continue

@@ -25,7 +25,7 @@ kept tokens into sequence order (the released code does not).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +36,7 @@ from ..errors import PolicyOptionError, UnsupportedInputError
 from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
 from ..signals.checks import require_finite
-from .base import Choice, Float, Int, Option, Policy
+from .base import Choice, Float, Int, Policy
 from .common import NEWLINE_MODES, structural_to_keep
 from .nominal import Nominal, structural
 from .registry import register
@@ -153,87 +153,94 @@ def holov_select(
     return kept, max(0, budget - kept.numel())
 
 
+@dataclass(frozen=True)
+class HoloVState:
+    """What `HoloVPolicy.plan` derives for one model."""
+
+    signal: VisionSignal  # the attention score per token
+    official: bool  # the released rules (compat "official")
+    qwen_official: bool  # the released Qwen2.5-VL path (window order, shifted window)
+
+
 @register
+@dataclass(frozen=True)
 class HoloVPolicy(Policy):
     name = "holov"
     description = "HoloV: crop-wise budgets from attention + feature variance, attention top-k per crop (pre-LLM)."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "beta": Float(0.09, ge=0, doc="weight of the similarity-variance term in the crop score"),
-        "crops": Int(None, ge=1, none=True, doc="number of crops C; None = max(1, floor(16 N / (9 K)))"),
-        "compat": Choice(
-            None, (None, "official", "fixed"), doc="released behaviour or tokenzip's fixes; None = per family"
-        ),
-        "shortfall": Choice(
-            None, (None, "zeros", "redistribute"), doc="saturated crops: zero rows or re-split; None = from compat"
-        ),
-        "newlines": Choice(
-            "drop", tuple(m for m in NEWLINE_MODES if m != "keep"), doc="OneVision per-row newline tokens"
-        ),
-        "order": Choice("official", ("official", "raster"), doc="crop order (released) or sequence order"),
-        "score_dtype": Choice(
-            "float32",
-            ("float32", "model"),
-            doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
-            "model dtype)",
-        ),
-    }
+
+    beta: float = Float(0.09, ge=0, doc="weight of the similarity-variance term in the crop score")
+    crops: int | None = Int(None, ge=1, none=True, doc="number of crops C; None = max(1, floor(16 N / (9 K)))")
+    compat: str | None = Choice(
+        None, (None, "official", "fixed"), doc="released behaviour or tokenzip's fixes; None = per family"
+    )
+    shortfall: str | None = Choice(
+        None, (None, "zeros", "redistribute"), doc="saturated crops: zero rows or re-split; None = from compat"
+    )
+    newlines: str = Choice(
+        "drop", tuple(m for m in NEWLINE_MODES if m != "keep"), doc="OneVision per-row newline tokens"
+    )
+    order: str = Choice("official", ("official", "raster"), doc="crop order (released) or sequence order")
+    score_dtype: str = Choice(
+        "float32",
+        ("float32", "model"),
+        doc="attention-score numerics: float32, or 'model' = the official fp16 / bf16 scoring (rounded to the "
+        "model dtype)",
+    )
 
     def validate(self) -> None:
-        if self.options["newlines"] == "keep_nonempty_rows" and self.options["shortfall"] == "zeros":
+        if self.newlines == "keep_nonempty_rows" and self.shortfall == "zeros":
             raise PolicyOptionError(
                 "holov: newlines='keep_nonempty_rows' re-sorts tokens; use shortfall='redistribute'"
             )
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        self._info = info
-        if info.family == "qwen2_5_vl" and self.compat() == "official" and self.options["order"] != "official":
+        official = self.rules(info) == "official"
+        if info.vision_windowed and official and self.order != "official":
             raise PolicyOptionError(
-                f"holov: order={self.options['order']!r} is not available with compat='official' on Qwen2.5-VL "
+                f"holov: order={self.order!r} is not available with compat='official' on Qwen2.5-VL "
                 "(the released path keeps window order); use compat='fixed' or order='official'"
             )
-        if info.family == "llava":
-            signal = VisionSignal("cls", info.vision_feature_layer, self.options["score_dtype"])
-        elif info.family == "qwen2_5_vl":
-            signal = VisionSignal("received", info.n_vision_layers - 1, self.options["score_dtype"])
-        else:
-            signal = VisionSignal("received", info.vision_feature_layer, self.options["score_dtype"])
-        self._signal = signal
-        return Plan(pre_llm=True, vision_signals=(signal,))
+        # the CLS query's row where the tower has one (LLaVA-1.5), else the mean received, at the projected layer
+        kind = "cls" if info.vision_has_cls else "received"
+        signal = VisionSignal(kind, info.vision_feature_layer, self.score_dtype)
+        state = HoloVState(signal, official, qwen_official=official and info.vision_windowed)
+        return Plan(pre_llm=True, vision_signals=(signal,), state=state)
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """K rows per item (zero rows of the official shortfall included); the trailing newline of a video."""
         budget = item_budget(keep, shape.n_content)
-        return Nominal([budget + structural(shape, self.options["newlines"])] * info.n_llm_layers)
+        return Nominal([budget + structural(shape, self.newlines)] * info.n_llm_layers)
 
-    def compat(self) -> str:
-        if self.options["compat"] is not None:
-            return self.options["compat"]
-        return "official" if self._info.family == "llava" else "fixed"
+    def rules(self, info: ModelInfo) -> str:
+        """`compat`, or the family default: "official" on LLaVA-1.5, "fixed" elsewhere."""
+        if self.compat is not None:
+            return self.compat
+        return "official" if info.reference_architecture else "fixed"
 
     @differentiable_values()  # zero-padded / shifted-window values keep their autograd graph
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
-        official = self.compat() == "official"
-        qwen_official = official and self._info.family == "qwen2_5_vl"
+        state: HoloVState = ctx.state
+        official, qwen_official = state.official, state.qwen_official
         # 'keep_nonempty_rows' re-sorts the output into raster order, which has no place for zero rows
-        raster_rows = self.options["newlines"] == "keep_nonempty_rows" and not qwen_official
-        shortfall = self.options["shortfall"] or ("zeros" if official and not raster_rows else "redistribute")
+        raster_rows = self.newlines == "keep_nonempty_rows" and not qwen_official
+        shortfall = self.shortfall or ("zeros" if official and not raster_rows else "redistribute")
         shape = ctx.item.shape
         content = ctx.content_available  # item-local, sequence order (raster per grid, frames in order)
-        scores = ctx.signals[self._signal.key]
+        scores = ctx.signals[state.signal.key]
         attention = scores[content.to(scores.device)]
         features = ctx.embeds[content.to(ctx.embeds.device)]
         n = content.numel()
         budget = min(n, int(n * ctx.keep)) if qwen_official and isinstance(ctx.keep, float) else ctx.budget
         budget = max(1, budget)
-        crops = min(n, self.options["crops"]) if self.options["crops"] else crop_count(n, budget)
+        crops = min(n, self.crops) if self.crops else crop_count(n, budget)
         if qwen_official:
             return self._qwen_official(ctx, scores, budget, crops, shortfall)
-        kept, n_pad = holov_select(features, attention, budget, crops, self.options["beta"], shortfall)
+        kept, n_pad = holov_select(features, attention, budget, crops, self.beta, shortfall)
         local = content[kept]
-        if self.options["order"] == "raster":  # kept tokens back in sequence order, zero rows after them
+        if self.order == "raster":  # kept tokens back in sequence order, zero rows after them
             local = torch.sort(local).values
-        extra = structural_to_keep(shape, local, self.options["newlines"])
-        if self.options["newlines"] == "keep_nonempty_rows":  # raster order, row newlines in place
+        extra = structural_to_keep(shape, local, self.newlines)
+        if self.newlines == "keep_nonempty_rows":  # raster order, row newlines in place
             return Selection(torch.cat([local, extra]))
         # official order: kept tokens, structural tokens (a video's trailing newline), then zero rows standing
         # at the last kept token's position
@@ -252,7 +259,7 @@ class HoloVPolicy(Policy):
         raster = scores[torch.arange(shape.length).to(scores.device)]
         window_scores = raster[shape.window_order.to(raster.device)] if shape.window_order is not None else raster
         features = torch.cat([ctx.before[None], ctx.embeds[:-1]])  # the shifted window's embeddings
-        kept, n_pad = holov_select(features, window_scores, budget, crops, self.options["beta"], shortfall)
+        kept, n_pad = holov_select(features, window_scores, budget, crops, self.beta, shortfall)
         values = features[kept]
         if n_pad:  # zero rows at position index -1 = the window's last element
             values = torch.cat([values, features.new_zeros(n_pad, features.shape[-1])])

@@ -46,7 +46,7 @@ batch's images; on Qwen2.5-VL / OneVision the merge runs per item after the proj
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -65,7 +65,7 @@ from ..contexts import (
 from ..errors import PolicyOptionError
 from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Choice, Float, Int, Option, Policy, Tuple
+from .base import Choice, Float, Int, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 from .units import grid_units
@@ -268,146 +268,172 @@ SINGLE_GAMMA_UNAVAILABLE = (
 )
 
 
+@dataclass(frozen=True)
+class MustDropState:
+    """What `MustDropPolicy.plan` derives for one model."""
+
+    prune_layers: tuple[int, ...]  # decoder layers whose text attention decides (the filter acts after each)
+    key_signal: VisionSignal  # scores of the key set
+
+
 @register
+@dataclass(frozen=True)
 class MustDropPolicy(Policy):
+    """MustDrop: 3x3 window merging with a protected key set, a text-attention filter after four decoder layers,
+    and KV-cache trimming after prefill (see the module docstring per family)."""
+
     name = "mustdrop"
     description = "MustDrop: 3x3 window merging + key set, text-attention filter at 4 LLM layers, KV trimming."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "schedule": Choice(
-            "budget",
-            ("budget", "thresholds"),
-            doc="'budget': counts that meet keep; 'thresholds': the official dual test with fixed thresholds",
-        ),
-        "global_thr": Float(None, ge=0, none=True, doc="official global threshold (schedule='thresholds')"),
-        "individual_thr": Float(None, ge=0, none=True, doc="official individual threshold (schedule='thresholds')"),
-        "preset": Choice(None, (None, *PRESETS), doc="an official script's threshold pair (implies 'thresholds')"),
-        "c_ratio": Float(1.0, gt=0, doc="individual_thr / global_thr of the budget schedule's single test"),
-        "merge_thr": Float(0.8, gt=0, le=1, doc="mean pairwise cosine similarity at which a 3x3 window merges"),
-        "key_rate": Float(0.08, gt=0, le=1, doc="share of each item's merged tokens protected as the key set"),
-        "prune_layers": Tuple(
-            None, Int(0, ge=0), min_length=1, increasing=True, none=True, doc="filter after these layers; None = auto"
-        ),
-        "compat": Choice(None, (None, "official", "fixed"), doc="decode positions of edited layers; None = family"),
-        "budget_count": Choice("true", ("true", "official_log"), doc="layer-average accounting keep is met in"),
-        "newlines": Choice("drop", ("drop",), doc="OneVision newline tokens are dropped at the LLM input"),
-        "r_scope": Choice(
-            "image", ("image", "batch"), doc="merge count per image, or the batch minimum (official; LLaVA-1.5)"
-        ),
-    }
 
-    def check_options(self) -> None:
-        if self.options.get("schedule") == "single_gamma":
-            raise PolicyOptionError(SINGLE_GAMMA_UNAVAILABLE)
-        super().check_options()
+    schedule: str = Choice(
+        "budget",
+        ("budget", "thresholds"),
+        doc="'budget': counts that meet keep; 'thresholds': the official dual test with fixed thresholds",
+        refused={"single_gamma": SINGLE_GAMMA_UNAVAILABLE},
+    )
+    global_thr: float | None = Float(None, ge=0, none=True, doc="official global threshold (schedule='thresholds')")
+    individual_thr: float | None = Float(
+        None, ge=0, none=True, doc="official individual threshold (schedule='thresholds')"
+    )
+    preset: str | None = Choice(
+        None, (None, *PRESETS), doc="an official script's threshold pair (implies 'thresholds')"
+    )
+    c_ratio: float = Float(1.0, gt=0, doc="individual_thr / global_thr of the budget schedule's single test")
+    merge_thr: float = Float(0.8, gt=0, le=1, doc="mean pairwise cosine similarity at which a 3x3 window merges")
+    key_rate: float = Float(0.08, gt=0, le=1, doc="share of each item's merged tokens protected as the key set")
+    prune_layers: tuple[int, ...] | None = Tuple(
+        None, Int(0, ge=0), min_length=1, increasing=True, none=True, doc="filter after these layers; None = auto"
+    )
+    compat: str | None = Choice(
+        None, (None, "official", "fixed"), doc="decode positions of edited layers; None = family"
+    )
+    budget_count: str = Choice("true", ("true", "official_log"), doc="layer-average accounting keep is met in")
+    newlines: str = Choice("drop", ("drop",), doc="OneVision newline tokens are dropped at the LLM input")
+    r_scope: str = Choice(
+        "image", ("image", "batch"), doc="merge count per image, or the batch minimum (official; LLaVA-1.5)"
+    )
 
     def validate(self) -> None:
-        o = self.options
-        if o["preset"] is not None:
-            official = PRESETS[o["preset"]]
-            given = (o["global_thr"], o["individual_thr"])
-            if any(g is not None and g != want for g, want in zip(given, official, strict=True)):
-                raise PolicyOptionError(
-                    f"mustdrop: preset={o['preset']!r} sets (global_thr, individual_thr) = {official}; got "
-                    f"{given}: pass either the preset or the thresholds"
-                )
-            o["schedule"] = "thresholds"
-            o["global_thr"], o["individual_thr"] = official
-        if o["schedule"] == "thresholds":
-            if o["global_thr"] is None or o["individual_thr"] is None:
+        if self.preset is not None:
+            self._apply_preset()
+        if self.schedule == "thresholds":
+            if self.global_thr is None or self.individual_thr is None:
                 raise PolicyOptionError(
                     "mustdrop: schedule='thresholds' needs global_thr and individual_thr (or a preset: "
                     f"{sorted(PRESETS)}); the official CLI default (1.0, 0.0) keeps every token"
                 )
-            if o["c_ratio"] != 1.0 or o["budget_count"] != "true":
+            if self.c_ratio != 1.0 or self.budget_count != "true":
                 raise PolicyOptionError(
                     "mustdrop: c_ratio and budget_count shape the 'budget' schedule only; with "
                     "schedule='thresholds' the thresholds decide (leave c_ratio=1.0, budget_count='true')"
                 )
-        elif o["global_thr"] is not None or o["individual_thr"] is not None:
+        elif self.global_thr is not None or self.individual_thr is not None:
             raise PolicyOptionError(
                 "mustdrop: global_thr / individual_thr are used by schedule='thresholds' only; the 'budget' schedule "
                 "picks one threshold per stage from keep (ratio set by c_ratio)"
             )
 
+    def _apply_preset(self) -> None:
+        """A preset names an official script's threshold pair: it implies schedule='thresholds'."""
+        official = PRESETS[self.preset]
+        given = (self.global_thr, self.individual_thr)
+        if any(g is not None and g != want for g, want in zip(given, official, strict=True)):
+            raise PolicyOptionError(
+                f"mustdrop: preset={self.preset!r} sets (global_thr, individual_thr) = {official}; got "
+                f"{given}: pass either the preset or the thresholds"
+            )
+        self._normalise(schedule="thresholds", global_thr=official[0], individual_thr=official[1])
+
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        self._info = info
-        layers = tuple(self.options["prune_layers"] or default_prune_layers(info.n_llm_layers))
+        layers = tuple(self.prune_layers or default_prune_layers(info.n_llm_layers))
         if layers[-1] + 1 >= info.n_llm_layers:
             raise PolicyOptionError(f"mustdrop: prune layers {layers} leave no layer after the last one")
-        self._prune = layers
         signals = tuple(LLMSignal("rows_from_visual", p) for p in layers)
-        if self.options["r_scope"] == "batch" and info.family != "llava":
+        in_tower = info.supports_vision_stage and info.vision_has_cls  # CLIP rows merged in the tower (LLaVA-1.5)
+        if self.r_scope == "batch" and not in_tower:
             raise PolicyOptionError(
                 f"mustdrop: r_scope='batch' (the official minimum merge count over the tower's batch) exists for "
                 f"LLaVA-1.5 only, whose merge runs on all images of a call at once; on {info.family} the merge runs "
                 "per item after the projector (r_scope='image')"
             )
-        if info.family == "llava":
-            self._key_signal = VisionSignal("cls", info.n_vision_layers - 1)
+        if in_tower:
+            state = MustDropState(layers, VisionSignal("cls", info.n_vision_layers - 1))
             return Plan(
                 vision_layer=1,
                 llm_layers=tuple(p + 1 for p in layers),
                 decode=True,
-                vision_signals=(self._key_signal,),
+                vision_signals=(state.key_signal,),
                 llm_signals=signals,
+                state=state,
             )
-        layer = info.n_vision_layers - 1 if info.family == "qwen2_5_vl" else info.vision_feature_layer
-        self._key_signal = VisionSignal("received", layer)
+        state = MustDropState(layers, VisionSignal("received", info.vision_feature_layer))
         return Plan(
             pre_llm=True,
             llm_layers=tuple(p + 1 for p in layers),
             decode=True,
-            vision_signals=(self._key_signal,),
+            vision_signals=(state.key_signal,),
             llm_signals=signals,
+            state=state,
         )
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """Budget schedule assuming no window reaches the merge threshold (r = 0; real images merge some, which
         only lowers the counts); a video's trailing newline stays; caches trimmed to the final count."""
-        self.plan(info, keep)
+        prune = self.plan(info, keep).state.prune_layers
         n = shape.n_content
-        n_key = math.ceil(self.options["key_rate"] * n)
-        if self.options["schedule"] == "thresholds":
-            counts = [n] * len(self._prune)  # thresholds are data-dependent: priced as no dropping
+        n_key = math.ceil(self.key_rate * n)
+        if self.schedule == "thresholds":
+            counts = [n] * len(prune)  # thresholds are data-dependent: priced as no dropping
         else:
-            counts = self._counts(item_budget(keep, n), n, n_key, info.n_llm_layers, keep, [n])
+            counts = self._counts(prune, item_budget(keep, n), n, n_key, info.n_llm_layers, keep, [n])
         extra = shape.trailing
-        tokens = staged(n, counts, tuple(p + 1 for p in self._prune), info.n_llm_layers, extra)
+        tokens = staged(n, counts, tuple(p + 1 for p in prune), info.n_llm_layers, extra)
         cache = list(tokens)
-        for layer in range(self._prune[0], self._prune[-1] + 1):
+        for layer in range(prune[0], prune[-1] + 1):
             cache[layer] = counts[-1] + extra
         return Nominal(tokens, cache)
 
-    def _counts(self, target: int, n_merged: int, n_key: int, n_layers: int, keep: Keep, sizes: list[int]) -> list[int]:
-        """`mustdrop_schedule` counts, or `BudgetError` naming the smallest reachable keep when even keeping only
-        the key set from the first pruning layer on overshoots `target` (`sizes`: content tokens per item)."""
-        accounting = self.options["budget_count"]
-        counts, infeasible = mustdrop_schedule(target, n_merged, n_key, self._prune, n_layers, accounting)
+    def _counts(
+        self,
+        prune: tuple[int, ...],
+        target: int,
+        n_merged: int,
+        n_key: int,
+        n_layers: int,
+        keep: Keep,
+        sizes: list[int],
+    ) -> list[int]:
+        """`mustdrop_schedule` counts for pruning layers `prune`, or `BudgetError` naming the smallest reachable
+        keep when even keeping only the key set from the first pruning layer on overshoots `target` (`sizes`:
+        content tokens per item)."""
+        accounting = self.budget_count
+        counts, infeasible = mustdrop_schedule(target, n_merged, n_key, prune, n_layers, accounting)
         if infeasible:
-            w0 = layer_weights(self._prune, n_layers, accounting)[0]
+            w0 = layer_weights(prune, n_layers, accounting)[0]
             floor = (w0 * n_merged + (n_layers - w0) * n_key) / n_layers
             reason = (
                 f"the first {w0} of {n_layers} layers see all {n_merged} visual "
                 f"tokens left after the merge and the key set ({n_key} tokens, key_rate) survives every prune at "
-                f"layers {self._prune}; {accounting!r} accounting"
+                f"layers {prune}; {accounting!r} accounting"
             )
             raise infeasible_budget("mustdrop", reason, keep, target, floor, sizes)
         return counts
 
-    def compat(self) -> str:
-        if self.options["compat"] is not None:
-            return self.options["compat"]
-        return "official" if self._info.family == "llava" else "fixed"
+    def rules(self, info: ModelInfo) -> str:
+        """`compat`, or the family default: "official" on LLaVA-1.5, "fixed" elsewhere."""
+        if self.compat is not None:
+            return self.compat
+        return "official" if info.reference_architecture else "fixed"
 
     def decode_positions(self, info: ModelInfo) -> str:
-        return "cache_length" if self.compat() == "official" else "layout"
+        return "cache_length" if self.rules(info) == "official" else "layout"
 
     # ------------------------------------------------------------------------------------------ stage 1
     def _merge_cap(self, keep: Keep, n_content: int) -> int | None:
         """Most windows an item of `n_content` tokens may merge under the budget schedule (so the merge alone never
         takes it below its budget); None (no cap) under the thresholds schedule, which does not use keep."""
-        if self.options["schedule"] == "thresholds":
+        if self.schedule == "thresholds":
             return None
         return merge_cap(n_content, item_budget(keep, n_content))
 
@@ -418,7 +444,7 @@ class MustDropPolicy(Policy):
         windows = window_index(side, side)
         sims = [window_similarity(patches[r], windows) for r in range(patches.shape[0])]
         cap = self._merge_cap(ctx.keep, patches.shape[1])
-        counts = merge_counts(sims, self.options["merge_thr"], self.options["r_scope"], [cap] * len(sims))
+        counts = merge_counts(sims, self.merge_thr, self.r_scope, [cap] * len(sims))
         out = []
         for r in range(patches.shape[0]):
             reps, values, merged = spatial_merge(patches[r], windows, sims[r], count=counts[r])
@@ -431,7 +457,7 @@ class MustDropPolicy(Policy):
     @differentiable_values()  # merged window means keep their autograd graph (tokenzip.ops.grad)
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         dev = ctx.embeds.device
-        scores = ctx.signals[self._key_signal.key]
+        scores = ctx.signals[ctx.state.key_signal.key]
         keep, values, notes, groups = [], [], [], []
         units = grid_units(ctx.item.shape)
         unit_windows = [window_index(unit.rows, unit.cols) for unit in units]
@@ -439,7 +465,7 @@ class MustDropPolicy(Policy):
             window_similarity(ctx.embeds[u.cells.to(dev)], w) for u, w in zip(units, unit_windows, strict=True)
         ]
         cap = self._merge_cap(ctx.keep, ctx.item.shape.n_content)
-        thr = self.options["merge_thr"]
+        thr = self.merge_thr
         counts = merge_counts(unit_sims, thr) if cap is None else cap_across_units(unit_sims, thr, cap)
         for unit, windows, sims, count in zip(units, unit_windows, unit_sims, counts, strict=True):
             cells = unit.cells.to(dev)
@@ -476,7 +502,7 @@ class MustDropPolicy(Policy):
         for j, item in enumerate(ctx.items.per_sample[b]):
             slots = (layout.valid[b] & layout.visual[b] & (layout.item[b] == j)).nonzero().flatten()
             local = layout.orig[b, slots] - item.start
-            signal = ctx.item_signals[(b, j)][self._key_signal.key].to(out.device)
+            signal = ctx.item_signals[(b, j)][ctx.state.key_signal.key].to(out.device)
             out[slots] = signal[local]
         return out
 
@@ -488,12 +514,13 @@ class MustDropPolicy(Policy):
         for j in range(len(ctx.items.per_sample[b])):
             slots = (layout.valid[b] & layout.visual[b] & (layout.item[b] == j)).nonzero().flatten()
             item_scores = torch.nan_to_num(scores[slots], nan=float("-inf"))
-            keys.append(slots[key_set(item_scores, self.options["key_rate"])])
+            keys.append(slots[key_set(item_scores, self.key_rate)])
         return torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long)
 
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
         stage = ctx.layer - 1  # the pruning layer whose attention decides
-        index = self._prune.index(stage)
+        prune = ctx.state.prune_layers
+        index = prune.index(stage)
         rows = ctx.signals[LLMSignal("rows_from_visual", stage).key]
         layout = ctx.layout
         out = []
@@ -507,14 +534,15 @@ class MustDropPolicy(Policy):
             last_visual = int(visual.max())
             text = layout.valid[b] & (torch.arange(layout.length, device=visual.device) > last_visual)
             a = rows[b][text.nonzero().flatten()][:, visual]
-            if self.options["schedule"] == "thresholds":
-                kept = dual_filter(a, key, self.options["global_thr"], self.options["individual_thr"])
+            if self.schedule == "thresholds":
+                kept = dual_filter(a, key, self.global_thr, self.individual_thr)
             else:
                 input_visual = int((ctx.input_layout.valid[b] & ctx.input_layout.visual[b]).sum())
                 sizes = [it.shape.n_content for it in items]
                 target = sum(item_budget(ctx.keep, n) for n in sizes)
-                counts = self._counts(target, input_visual, int(key_lm.numel()), ctx.info.n_llm_layers, ctx.keep, sizes)
-                kept = budget_filter(a, key, min(counts[index], visual.numel()), self.options["c_ratio"])
+                n_key, n_layers = int(key_lm.numel()), ctx.info.n_llm_layers
+                counts = self._counts(prune, target, input_visual, n_key, n_layers, ctx.keep, sizes)
+                kept = budget_filter(a, key, min(counts[index], visual.numel()), self.c_ratio)
             out.append(Selection(visual[kept]))
         return out
 

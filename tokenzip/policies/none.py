@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
 
 from ..adapters.base import ModelInfo
 from ..budget import Keep
 from ..contexts import Plan
-from .base import Option, Policy
+from .base import Policy
 from .nominal import Nominal
 from .registry import register
 
 
 @register
+@dataclass(frozen=True)
 class NonePolicy(Policy):
+    """No compression: the model runs unchanged; `patch.stats` records its token counts (the reference row)."""
+
     name = "none"
     description = "No compression: the unpatched model, with tokenzip's statistics recorded."
-    options_spec: ClassVar[dict[str, Option]] = {}
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         return Plan()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,7 @@ from ..budget import Keep, item_budget
 from ..contexts import Plan, PreLLMItem, Selection
 from ..errors import UnsupportedInputError
 from ..items import ItemShape
-from .base import Choice, Option, Policy
+from .base import Choice, Policy
 from .common import NEWLINE_MODES, structural_to_keep
 from .nominal import Nominal, structural
 from .registry import register
@@ -133,15 +133,15 @@ def oracle_choice(candidates: torch.Tensor, cov: torch.Tensor, budget: int) -> t
 
 
 @register
+@dataclass(frozen=True)
 class OraclePolicy(Policy):
     name = "oracle"
     description = (
         "NOT deployable: reads the synthetic generator's ground truth (tokenzip.policies.oracle.ground_truth) and "
         "keeps the tokens the question needs, filled evenly; the upper bound a selector can reach at a keep."
     )
-    options_spec: ClassVar[dict[str, Option]] = {
-        "newlines": Choice("keep_nonempty_rows", NEWLINE_MODES, doc="OneVision per-row newlines"),
-    }
+
+    newlines: str = Choice("keep_nonempty_rows", NEWLINE_MODES, doc="OneVision per-row newlines")
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         return Plan(pre_llm=True)
@@ -149,7 +149,7 @@ class OraclePolicy(Policy):
     def nominal(self, info: ModelInfo, shape: ItemShape, keep: Keep) -> Nominal:
         """Exact counts; newlines assumed kept in every row ('keep_nonempty_rows')."""
         budget = item_budget(keep, shape.n_content)
-        return Nominal([budget + structural(shape, self.options["newlines"])] * info.n_llm_layers)
+        return Nominal([budget + structural(shape, self.newlines)] * info.n_llm_layers)
 
     def _raster(self, ctx: PreLLMItem) -> torch.Tensor:
         """The ground truth of ctx's item, after checking the supplied truth against the batch."""
@@ -179,6 +179,6 @@ class OraclePolicy(Policy):
         content = ctx.content_available.cpu()
         rank = torch.cumsum(shape.content_mask().long(), 0) - 1  # item-local index -> content index
         kept = oracle_choice(content, cov[rank[content]], ctx.budget)
-        extra = structural_to_keep(shape, kept, self.options["newlines"])
+        extra = structural_to_keep(shape, kept, self.newlines)
         extra = extra[torch.isin(extra, ctx.available.cpu())]
         return Selection(torch.cat([kept, extra]).to(ctx.available.device))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -14,13 +14,14 @@ from ..errors import PolicyOptionError
 from ..items import GridPart
 from ..ops.grad import differentiable_values
 from ..ops.pool import pool_grid, pool_windows, pooled_grid_shape
-from .base import Choice, Option, Policy
+from .base import Choice, Policy
 from .common import split_budget
 from .nominal import Nominal
 from .registry import register
 
 
 @register
+@dataclass(frozen=True)
 class PoolPolicy(Policy):
     """Average-pool every grid (each frame of a video, each part of an anyres image) to a smaller grid.
 
@@ -36,9 +37,8 @@ class PoolPolicy(Policy):
 
     name = "pool"
     description = "Spatial average pooling of each image's token grid to the budget (pre-LLM)."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "newlines": Choice("keep", ("keep", "drop"), doc="OneVision per-row newline tokens after the pooled rows"),
-    }
+
+    newlines: str = Choice("keep", ("keep", "drop"), doc="OneVision per-row newline tokens after the pooled rows")
 
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
         return Plan(pre_llm=True)
@@ -51,7 +51,7 @@ class PoolPolicy(Policy):
         total = shape.leading + shape.trailing
         for (part, _), share in zip(units, shares, strict=True):
             r, c = pooled_grid_shape(part.rows, part.cols, share)
-            total += r * c + (r if part.newline_per_row and self.options["newlines"] == "keep" else 0)
+            total += r * c + (r if part.newline_per_row and self.newlines == "keep" else 0)
         return Nominal([total] * info.n_llm_layers)
 
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
@@ -89,7 +89,7 @@ class PoolPolicy(Policy):
             for row in range(out_r):
                 keep_idx.append(reps[row * out_c : (row + 1) * out_c])
                 values.append(pooled[row * out_c : (row + 1) * out_c])
-                if part.newline_per_row and self.options["newlines"] == "keep":
+                if part.newline_per_row and self.newlines == "keep":
                     last_row = windows[row * out_c][1] - 1
                     newline = base + last_row * width + part.cols
                     keep_idx.append(torch.tensor([newline]))

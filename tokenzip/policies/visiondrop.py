@@ -36,7 +36,7 @@ otherwise), and the batch-size-1 / right-padding asserts. Merged values are diff
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +46,7 @@ from ..contexts import LLMStageContext, Plan, PreLLMItem, ProjectorInputContext,
 from ..errors import PolicyOptionError
 from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
-from .base import Choice, Float, Int, Option, Policy, Tuple
+from .base import Choice, Float, Int, Policy, Tuple
 from .nominal import Nominal, staged
 from .registry import register
 
@@ -151,109 +151,118 @@ def visiondrop_schedule(
     return counts
 
 
+@dataclass(frozen=True)
+class VisionDropState:
+    """What `VisionDropPolicy.plan` derives for one model."""
+
+    score: VisionSignal  # dominant-token scores of stage 1
+    metric: VisionSignal  # key vectors for contextual merging in stage 1
+    bounds: tuple[int, ...]  # decoder layers of stages 2-4
+    n_llm_layers: int
+    score_dtype: str  # numerics of the in-LLM attention scores
+    pre_projector: bool = False  # LLaVA-1.5: stage 1 in CLIP space (official) rather than on projector outputs
+    cls_in_stage1: bool = False  # LLaVA-1.5 pre-projector stage 1 feeds CLS to the LLM
+
+
 @register
+@dataclass(frozen=True)
 class VisionDropPolicy(Policy):
+    """VisionDrop: dominant tokens by attention plus contextual tokens merged by key similarity, at the vision
+    output and again before three decoder layers (see the module docstring per family)."""
+
     name = "visiondrop"
     description = "VisionDrop: dominant selection + contextual merging on the vision output and at 3 LLM layers."
-    options_spec: ClassVar[dict[str, Option]] = {
-        "encoder_factor": Float(
-            None, gt=0, none=True, doc="stage-1 count E = factor x K (None: 1.5 for images, 3.0 for video)"
-        ),
-        "decay": Float(None, gt=0, le=1, none=True, doc="explicit per-stage decay (None: solved for the budget)"),
-        "ctx_div": Int(8, ge=1, doc="contextual tokens per stage = ceil(n / ctx_div)"),
-        "boundaries": Tuple(
-            None, Int(1, ge=1), length=3, increasing=True, none=True, doc="decoder layers of stages 2-4"
-        ),
-        "include_cls": Choice(
-            None, (None, True, False), doc="LLaVA-1.5 pre-projector stage 1: feed CLS to the LLM (None: from compat)"
-        ),
-        "stage1_space": Choice("pre_projector", ("pre_projector", "post_projector"), doc="LLaVA-1.5 stage 1"),
-        "score_dtype": Choice(
-            None, (None, "float32", "model"), doc="scoring numerics (None: from compat; 'float32' by default)"
-        ),
-        "compat": Choice(
-            None,
-            (None, "official", "fixed"),
-            doc="official: include_cls=True, score_dtype='model'; fixed: include_cls=False, score_dtype='float32'",
-        ),
-    }
+
+    encoder_factor: float | None = Float(
+        None, gt=0, none=True, doc="stage-1 count E = factor x K (None: 1.5 for images, 3.0 for video)"
+    )
+    decay: float | None = Float(
+        None, gt=0, le=1, none=True, doc="explicit per-stage decay (None: solved for the budget)"
+    )
+    ctx_div: int = Int(8, ge=1, doc="contextual tokens per stage = ceil(n / ctx_div)")
+    boundaries: tuple[int, ...] | None = Tuple(
+        None, Int(1, ge=1), length=3, increasing=True, none=True, doc="decoder layers of stages 2-4"
+    )
+    include_cls: bool | None = Choice(
+        None, (None, True, False), doc="LLaVA-1.5 pre-projector stage 1: feed CLS to the LLM (None: from compat)"
+    )
+    stage1_space: str = Choice("pre_projector", ("pre_projector", "post_projector"), doc="LLaVA-1.5 stage 1")
+    score_dtype: str | None = Choice(
+        None, (None, "float32", "model"), doc="scoring numerics (None: from compat; 'float32' by default)"
+    )
+    compat: str | None = Choice(
+        None,
+        (None, "official", "fixed"),
+        doc="official: include_cls=True, score_dtype='model'; fixed: include_cls=False, score_dtype='float32'",
+    )
 
     def validate(self) -> None:
-        if self.options["include_cls"] is not None and self.options["stage1_space"] == "post_projector":
+        if self.include_cls is not None and self.stage1_space == "post_projector":
             raise PolicyOptionError(
                 "visiondrop: include_cls applies only to stage1_space='pre_projector' (the CLIP-space stage 1 of "
                 "LLaVA-1.5); post-projector stage 1 has no CLS token"
             )
 
-    @property
-    def _include_cls(self) -> bool:
-        """CLS enters the LLM (LLaVA-1.5 pre-projector stage 1): the option, else per compat (default True)."""
-        if self.options["include_cls"] is not None:
-            return self.options["include_cls"]
-        return self.options["compat"] != "fixed"
-
-    @property
-    def score_dtype(self) -> str:
-        """The scoring numerics: the `score_dtype` option, else per `compat` ("model" under "official")."""
-        if self.options["score_dtype"] is not None:
-            return self.options["score_dtype"]
-        return "model" if self.options["compat"] == "official" else "float32"
-
     def plan(self, info: ModelInfo, keep: Keep) -> Plan:
-        self._info = info
-        bounds = tuple(self.options["boundaries"] or default_boundaries(info.n_llm_layers))
+        bounds = tuple(self.boundaries or default_boundaries(info.n_llm_layers))
         if bounds[-1] >= info.n_llm_layers:
             raise PolicyOptionError(f"visiondrop: boundaries {bounds} exceed the LLM's {info.n_llm_layers} layers")
-        self._bounds = bounds
-        if info.family == "llava":
+        # the scoring numerics: the option, else per compat ("model" under "official")
+        dtype = self.score_dtype or ("model" if self.compat == "official" else "float32")
+        if info.supports_projector_stage and info.vision_has_cls:  # CLIP + projector-input stage (LLaVA-1.5)
             layer = info.vision_feature_layer
-            self._score = VisionSignal("cls", layer, self.score_dtype)
-            self._metric = VisionSignal("keys", layer)
-            stage1 = {"projector_input": True} if self._pre_projector else {"pre_llm": True}
-            return Plan(llm_layers=bounds, vision_signals=(self._score, self._metric), **stage1)
-        if self.options["include_cls"] is not None:
+            pre_projector = self.stage1_space == "pre_projector"
+            # CLS enters the LLM (LLaVA-1.5 pre-projector stage 1): the option, else per compat (default True)
+            include_cls = self.include_cls if self.include_cls is not None else self.compat != "fixed"
+            state = VisionDropState(
+                VisionSignal("cls", layer, dtype),
+                VisionSignal("keys", layer),
+                bounds,
+                info.n_llm_layers,
+                dtype,
+                pre_projector,
+                pre_projector and include_cls,
+            )
+            stage1 = {"projector_input": True} if pre_projector else {"pre_llm": True}
+            return Plan(llm_layers=bounds, vision_signals=(state.score, state.metric), state=state, **stage1)
+        if self.include_cls is not None:
             raise PolicyOptionError(
                 f"visiondrop: include_cls applies only to LLaVA-1.5 (CLIP with CLS); {info.family} has no CLS token"
             )
-        layer = info.n_vision_layers - 1 if info.family == "qwen2_5_vl" else info.vision_feature_layer
-        self._score = VisionSignal("received", layer, self.score_dtype)
-        self._metric = VisionSignal("keys", layer)
-        return Plan(pre_llm=True, llm_layers=bounds, vision_signals=(self._score, self._metric))
+        layer = info.vision_feature_layer
+        state = VisionDropState(
+            VisionSignal("received", layer, dtype), VisionSignal("keys", layer), bounds, info.n_llm_layers, dtype
+        )
+        return Plan(pre_llm=True, llm_layers=bounds, vision_signals=(state.score, state.metric), state=state)
 
     def nominal(self, info: ModelInfo, shape, keep: Keep) -> Nominal:
         """Exact stage counts; LLaVA's stage 1 includes CLS; a video's trailing newline stays."""
-        self.plan(info, keep)
+        state: VisionDropState = self.plan(info, keep).state
         video = shape.modality == "video"
-        n_stage1 = shape.n_content + int(self._pre_projector and self._include_cls)
-        counts = self._counts(keep, shape.n_content, n_stage1, video)
-        return Nominal(staged(counts[0], counts[1:], self._bounds, info.n_llm_layers, shape.trailing))
-
-    @property
-    def _pre_projector(self) -> bool:
-        """LLaVA-1.5 stage 1 in CLIP space with CLS (official) rather than on projector outputs."""
-        return self._info.family == "llava" and self.options["stage1_space"] == "pre_projector"
+        n_stage1 = shape.n_content + int(state.cls_in_stage1)
+        counts = self._counts(state, keep, shape.n_content, n_stage1, video)
+        return Nominal(staged(counts[0], counts[1:], state.bounds, info.n_llm_layers, shape.trailing))
 
     def default_positions(self, info: ModelInfo) -> str:
         return "compact" if info.supports_compact_positions else "original"
 
-    def _counts(self, keep: Keep, n_content: int, n_stage1: int, video: bool) -> list[int]:
-        factor = self.options["encoder_factor"] or (3.0 if video else 1.5)
+    def _counts(self, state: VisionDropState, keep: Keep, n_content: int, n_stage1: int, video: bool) -> list[int]:
+        factor = self.encoder_factor or (3.0 if video else 1.5)
         target = item_budget(keep, n_content)
-        return visiondrop_schedule(
-            target, n_stage1, self._info.n_llm_layers, self._bounds, factor, self.options["decay"]
-        )
+        return visiondrop_schedule(target, n_stage1, state.n_llm_layers, state.bounds, factor, self.decay)
 
     # ---------------------------------------------------------------------------------- stage 1, LLaVA-1.5
     @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_projector_input(self, ctx: ProjectorInputContext) -> list[Selection]:
-        include_cls = self._include_cls
+        state: VisionDropState = ctx.state
+        include_cls = state.cls_in_stage1
         n_patches = ctx.n_patches
         out = []
         for r in range(ctx.hidden.shape[0]):
-            scores = ctx.signals[self._score.key][r]  # CLS row over [CLS, patches]
-            metric = ctx.signals[self._metric.key][r]
-            count = self._counts(ctx.keep, n_patches, n_patches + int(include_cls), False)[0]
-            dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+            scores = ctx.signals[state.score.key][r]  # CLS row over [CLS, patches]
+            metric = ctx.signals[state.metric.key][r]
+            count = self._counts(state, ctx.keep, n_patches, n_patches + int(include_cls), False)[0]
+            dom_count, ctx_count = stage_split(count, self.ctx_div)
             if include_cls:
                 top = topk_stable(scores[1:], dom_count - 1) + 1
                 dominant = torch.cat([torch.zeros(1, dtype=torch.long, device=top.device), top])
@@ -268,14 +277,15 @@ class VisionDropPolicy(Policy):
     # ---------------------------------------------------------------------------------- stage 1, others
     @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
+        state: VisionDropState = ctx.state
         shape = ctx.item.shape
         content = ctx.content_available
         video = ctx.item.modality == "video"
-        count = self._counts(ctx.keep, shape.n_content, content.numel(), video)[0]
-        dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+        count = self._counts(state, ctx.keep, shape.n_content, content.numel(), video)[0]
+        dom_count, ctx_count = stage_split(count, self.ctx_div)
         dev = ctx.embeds.device
-        scores = ctx.signals[self._score.key][content.to(dev)]
-        metric = ctx.signals[self._metric.key][content.to(dev)]
+        scores = ctx.signals[state.score.key][content.to(dev)]
+        metric = ctx.signals[state.metric.key][content.to(dev)]
         dominant = topk_stable(scores, dom_count)
         reps, values, groups = merge_contextual(ctx.embeds[content.to(dev)], metric, dominant, ctx_count, True)
         keep = content.to(dev)[reps]
@@ -286,7 +296,8 @@ class VisionDropPolicy(Policy):
     # ---------------------------------------------------------------------------------- LLM stages
     @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_llm(self, ctx: LLMStageContext) -> list[Selection]:
-        stage = self._bounds.index(ctx.layer) + 1
+        state: VisionDropState = ctx.state
+        stage = state.bounds.index(ctx.layer) + 1
         layout = ctx.layout
         hidden = ctx.hidden_states
         with torch.no_grad():
@@ -298,19 +309,19 @@ class VisionDropPolicy(Policy):
             if not bool(query.any()):
                 continue
             with torch.no_grad():
-                received = ctx.attention_received(query, self.score_dtype)
+                received = ctx.attention_received(query, state.score_dtype)
             for b, items in enumerate(ctx.items.per_sample):
                 if j >= len(items):
                     continue
                 slots = query[b].nonzero().flatten()
                 item = items[j]
                 video = item.modality == "video"
-                n_stage1 = item.shape.n_content + int(self._pre_projector and self._include_cls)
-                count = self._counts(ctx.keep, item.shape.n_content, n_stage1, video)[stage]
+                n_stage1 = item.shape.n_content + int(state.cls_in_stage1)
+                count = self._counts(state, ctx.keep, item.shape.n_content, n_stage1, video)[stage]
                 if slots.numel() <= count:
                     per_sample[b].append((slots, hidden[b, slots]))
                     continue
-                dom_count, ctx_count = stage_split(count, self.options["ctx_div"])
+                dom_count, ctx_count = stage_split(count, self.ctx_div)
                 dominant = topk_stable(received[b, slots], dom_count)
                 reps, values = merge_contextual(hidden[b, slots], keys[b, slots], dominant, ctx_count)
                 per_sample[b].append((slots[reps], values))

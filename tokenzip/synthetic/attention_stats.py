@@ -22,7 +22,7 @@ Per layer and view (LLaVA: "image"; Qwen2.5-VL: "image"; OneVision: "base", the 
   concentrated on the needed content than its area; uniform attention gives exactly 1 in every layer kind.
 
 Sample averages are ratios of means over samples (samples whose question needs nothing, e.g. an absent object,
-add 0 to both numerator and denominator). Geometry of the bundles (`tokenzip.synthetic.architectures`): LLaVA CLIP
+add 0 to both numerator and denominator). Geometry of the bundles (`training/architectures.py`): LLaVA CLIP
 192 px / 16 px -> 12 x 12 patches + CLS; Qwen2.5-VL 280 px / 14 px -> 20 x 20 patches in the tower's
 window-permuted order, windows of 10 x 10 patches except in the full-attention blocks; OneVision SigLIP 96 px tiles
 (6 x 6 patches), the base image plus a 2 x 2 tile grid for the square synthetic images.
@@ -44,8 +44,7 @@ import torch
 from ..adapters import get_adapter
 from ..errors import UnsupportedInputError
 from ..signals.attention import encoder_attention_rows, qwen_vision_qk
-from .architectures import RENDER_SIDE
-from .dataset import VERSIONS, Sample, sample
+from .dataset import RENDER_SIDE, VERSIONS, Sample, sample
 from .evaluate import messages_for
 from .truth import coverage, needed_raster
 

@@ -19,6 +19,7 @@ from .scenes import COLORS, SHAPES, STYLES, Scene, random_scene, render
 
 SPLITS = {"train": 60_000, "val": 1_200, "test": 1_200}  # default sizes (multiples of the 6 categories)
 VIDEO_EVENTS = ("color_change", "move", "appear")
+RENDER_SIDE = 336  # synthetic images are rendered at this size (training and the lmms-eval task); processors resize
 VIDEO_FRAMES = 8  # frames per clip of the lmms-eval video task and of video training (one count: OneVision stacks)
 VIDEO_SIDE = 224  # frames are rendered at this size; processors resize
 VIDEO_TEST = 300  # clips in the video test split (100 per event)

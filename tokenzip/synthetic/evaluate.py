@@ -8,9 +8,8 @@ import torch
 
 from ..evaluation.scoring import answer_word, is_correct
 from ..frames import processor_inputs
-from .architectures import RENDER_SIDE
 from .conversations import messages
-from .dataset import VIDEO_FRAMES, VIDEO_TEST, sample, video_sample
+from .dataset import RENDER_SIDE, VIDEO_FRAMES, VIDEO_TEST, sample, video_sample
 
 
 @torch.no_grad()

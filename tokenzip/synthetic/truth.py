@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UnsupportedInputError
 from .dataset import Sample, VideoSample, sample, video_sample
-from .dense import asked_objects, inside
+from .geometry import asked_objects, inside
 from .scenes import Glyph, Obj, Scene
 
 RASTER = 240  # raster side: divisible by every grid side of the bundled geometries (6, 10, 12, 20, 24, ...)

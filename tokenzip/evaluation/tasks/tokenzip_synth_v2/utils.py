@@ -6,7 +6,7 @@ from PIL import Image
 
 from tokenzip.evaluation.scoring import process_results  # noqa: F401  (the task's process_results hook)
 from tokenzip.synthetic import sample
-from tokenzip.synthetic.architectures import RENDER_SIDE
+from tokenzip.synthetic.dataset import RENDER_SIDE
 
 
 def doc_to_visual(doc: dict) -> list[Image.Image]:

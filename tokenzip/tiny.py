@@ -2,7 +2,8 @@
 
 Nothing here downloads anything: tokenizers are word-level vocabularies built in memory, image processors
 are the PIL backends constructed directly, and models are instantiated from configs with random weights.
-They are the fixtures of the test suite and the default model of examples until trained tiny models ship.
+They are the fixtures of the test suite, the models of `tokenzip demo` and of `tokenzip bench --model tiny-*`,
+and the starting points of the bundled trained models (`training/architectures.py`).
 
 Sizes (defaults):
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from .processors import ov_image_only_processor_cls, qwen_image_only_processor_cls
 
 WORDS = [
     "USER:",
@@ -168,7 +171,7 @@ def tiny_llava(
     """Tiny `LlavaForConditionalGeneration` (CLIP tower with CLS, feature layer -2, 'default' strategy).
 
     `tokenizer(specials)` builds the tokenizer; `vision_overrides` / `text_overrides` replace config fields (the
-    bundled trained models of `tokenzip.synthetic.architectures` are these builders, sized up)."""
+    bundled trained models of `training/architectures.py` are these builders, sized up)."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -247,20 +250,6 @@ QWEN_CHAT_TEMPLATE = (
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def _qwen_image_only_processor_cls():
-    """`Qwen2_5_VLProcessor` without a video processor (video processors need torchvision).
-
-    `ProcessorMixin` derives its sub-processors from the `__init__` signature, so the argument is removed there.
-    """
-    from transformers import Qwen2_5_VLProcessor
-
-    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return Qwen2_5_VLImageOnlyProcessor
-
-
 def tiny_qwen25vl(
     attn: str = "sdpa",
     vision_layers: int = 4,
@@ -324,7 +313,7 @@ def tiny_qwen25vl(
         temporal_patch_size=2,
         merge_size=2,
     )
-    proc = _qwen_image_only_processor_cls()(image_processor=improc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    proc = qwen_image_only_processor_cls()(image_processor=improc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     return TinyVLM(model, proc, "qwen2_5_vl")
 
 
@@ -369,33 +358,6 @@ OV_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 OV_SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-
-
-def _ov_image_only_processor_cls():
-    """`LlavaOnevisionProcessor` without a video processor (see `_qwen_image_only_processor_cls`)."""
-    from transformers import LlavaOnevisionProcessor
-
-    class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
-        def __init__(
-            self,
-            image_processor=None,
-            tokenizer=None,
-            num_image_tokens=None,
-            vision_feature_select_strategy=None,
-            chat_template=None,
-            **kwargs,
-        ):
-            super().__init__(
-                image_processor,
-                tokenizer,
-                None,
-                num_image_tokens=num_image_tokens,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                chat_template=chat_template,
-                **kwargs,
-            )
-
-    return LlavaOnevisionImageOnlyProcessor
 
 
 def tiny_llava_ov(
@@ -465,7 +427,7 @@ def tiny_llava_ov(
     improc = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
     )
-    proc = _ov_image_only_processor_cls()(
+    proc = ov_image_only_processor_cls()(
         image_processor=improc,
         tokenizer=tok,
         num_image_tokens=(image_size // patch) ** 2,

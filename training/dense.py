@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .scenes import COLORS, GLYPHS, SHAPES, Scene
+from tokenzip.synthetic.geometry import inside
+from tokenzip.synthetic.scenes import COLORS, GLYPHS, SHAPES, Scene
 
 COLOR_CLASSES = len(COLORS) + 1  # + background
 SHAPE_CLASSES = len(SHAPES) + 1
@@ -29,17 +30,6 @@ COLUMN_BANDS = 12  # horizontal position of a cell, in equal bands of the full i
 # one band per grid column of the 12-column grids (LLaVA, Qwen2.5-VL, OneVision's packed tiles)
 _COLOR_INDEX = {c: i + 1 for i, c in enumerate(COLORS)}
 _SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
-
-
-def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
-    """Whether offsets (dx, dy) from a shape's centre fall inside it (same geometry as `scenes.render`)."""
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return (dx.abs() <= r) & (dy.abs() <= r)
-    if shape == "triangle":  # apex (0, -r), base corners (+-r, r)
-        return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)
-    return dx.abs() + dy.abs() <= r  # diamond
 
 
 def _cell_points(rows: int, cols: int, box: tuple[float, float, float, float], per_side: int):
@@ -173,19 +163,6 @@ class DenseHeads(torch.nn.Module):
         error = (self.x(tokens).squeeze(-1) - band_x(labels[3])).abs()
         out["x"] = round((error < 1 / COLUMN_BANDS).float().mean().item(), 4)  # within half a band of the centre
         return out
-
-
-def asked_objects(scene: Scene, question) -> list:
-    """The objects (or the glyph) a question is about, read from its words: what the answer must look at."""
-    words = question.text.replace("?", " ").split()
-    colors = [w for w in words if w in COLORS]
-    shapes = [w.rstrip("s") for w in words if w.rstrip("s") in SHAPES]
-    objs = scene.objects
-    if question.category == "ocr":
-        return [scene.glyph] if scene.glyph is not None else []
-    if question.category == "position":  # two (colour, shape) pairs
-        return [o for o in objs for c, s in zip(colors, shapes) if o.color == c and o.shape == s]
-    return [o for o in objs if (not colors or o.color in colors) and (not shapes or o.shape in shapes)]
 
 
 def object_cells(things: list, rows: int, cols: int, min_cover: float | None = None) -> torch.Tensor:

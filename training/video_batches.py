@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from ..frames import VIDEO_TOKEN, processor_inputs
-from .conversations import ASSISTANT_MARKER, answer_mask, messages
-from .dataset import SPLITS, VIDEO_FRAMES, video_sample
+from tokenzip.frames import VIDEO_TOKEN, processor_inputs
+from tokenzip.synthetic.conversations import ASSISTANT_MARKER, answer_mask, messages
+from tokenzip.synthetic.dataset import SPLITS, VIDEO_FRAMES, video_sample
 
 VIDEO_FAMILIES = tuple(VIDEO_TOKEN)  # the families that take video inputs
 

@@ -23,11 +23,10 @@ at least 19 layers for FastV; a step costs about 1.8x the v1 one on 2 cores (4.0
 
 from __future__ import annotations
 
-from ..testing.tiny import tiny_llava, tiny_llava_ov, tiny_qwen25vl
-from .vocabulary import vocabulary
+from tokenzip.synthetic.vocabulary import vocabulary
+from tokenzip.tiny import tiny_llava, tiny_llava_ov, tiny_qwen25vl
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
-RENDER_SIDE = 336  # synthetic images are rendered at this size (training and the lmms-eval task); processors resize
 IMAGE_SIDE = {"llava": 192, "qwen2_5_vl": 280, "llava_onevision": 192}  # what each model sees
 TEXT_V1 = dict(
     hidden_size=128,

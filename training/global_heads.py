@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .questions import NUMBER_WORDS
-from .scenes import COLORS, GLYPHS, SHAPES, Scene
+from tokenzip.synthetic.questions import NUMBER_WORDS
+from tokenzip.synthetic.scenes import COLORS, GLYPHS, SHAPES, Scene
 
 PAIRS = [(c, s) for c in COLORS for s in SHAPES]
 MAX_COUNT = len(NUMBER_WORDS) - 1

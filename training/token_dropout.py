@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .truth import coverage, needed, raster
+from tokenzip.synthetic.truth import coverage, needed, raster
 
 MAX_TURNS = 4  # questions a dropped-out conversation keeps, at most
 
@@ -74,7 +74,7 @@ def position_ids(model, batch: dict, attention_mask: torch.Tensor) -> torch.Tens
     """Position ids for a forward with the dropped-out `attention_mask`: contiguous over the attended tokens for a
     compacting family ([B, S]), the M-RoPE ids of the full sequence for Qwen2.5-VL (`get_rope_index` on the
     processor's own mask)."""
-    from ..adapters import get_adapter
+    from tokenzip.adapters import get_adapter
 
     if get_adapter(model).supports_compact_positions:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from .architectures import RENDER_SIDE
+from tokenzip.synthetic.dataset import RENDER_SIDE, SPLITS, sample
+
 from .budget import StepBudget, cosine_lr
-from .dataset import SPLITS, sample
 from .dense import DenseHeads
 
 

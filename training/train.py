@@ -1,6 +1,6 @@
 """Train a bundled tiny VLM from scratch on the synthetic QA data, on CPU.
 
-    python -m tokenzip.synthetic.train --family llava --minutes 40 --out tokenzip/assets/synth-llava
+    python -m training.train --family llava --minutes 40 --out tokenzip/assets/synth-llava
 
 Two phases share the time budget. First the vision side alone learns the per-cell scene labels (`vision_phase`)
 and, on its global vector, the image-level scene attributes (`global_heads`); then the whole model learns to answer.
@@ -24,18 +24,19 @@ from pathlib import Path
 
 import torch
 
-from .architectures import FAMILIES, IMAGE_SIDE, RENDER_SIDE, build
+from tokenzip.synthetic.conversations import ASSISTANT_MARKER, answer_mask, extra_questions, messages
+from tokenzip.synthetic.dataset import RENDER_SIDE, SPLITS, VIDEO_TEST, Sample, sample
+from tokenzip.synthetic.evaluate import evaluate, evaluate_video
+from tokenzip.synthetic.questions import ASK, CATEGORIES
+from tokenzip.synthetic.scenes import random_scene
+
+from .architectures import FAMILIES, IMAGE_SIDE, build
 from .attention_teacher import AttentionTeacher
 from .budget import StepBudget, cosine_lr
-from .conversations import ASSISTANT_MARKER, answer_mask, extra_questions, messages
-from .dataset import SPLITS, VIDEO_TEST, Sample, sample
 from .dense import DenseHeads
-from .evaluate import evaluate, evaluate_video
 from .global_heads import GlobalHeads, GlobalTap
 from .phrase_probes import PhraseProbes, phrase_targets
 from .probes import ReadoutProbes, probe_targets
-from .questions import ASK, CATEGORIES
-from .scenes import random_scene
 from .token_dropout import context_plan, dropout_mask, position_ids
 from .video_batches import VIDEO_FAMILIES, is_video_step, video_batch
 from .vision_phase import pretrain_vision, tower_parameters
@@ -215,7 +216,7 @@ class VisualTap:
 
 def attribute_word_ids(tokenizer) -> set[int]:
     """Ids of the words that name what a question is about: colours, shapes (singular and plural), 'box'."""
-    from .scenes import COLORS, SHAPES
+    from tokenzip.synthetic.scenes import COLORS, SHAPES
 
     words = [*COLORS, *SHAPES, *(f"{shape}s" for shape in SHAPES), "box"]
     return set(tokenizer.convert_tokens_to_ids(words))
@@ -224,7 +225,7 @@ def attribute_word_ids(tokenizer) -> set[int]:
 def named_objects(scene, question) -> list[list]:
     """What each naming phrase of a question refers to, in question order: one list of objects (or the glyph) per
     phrase. A position question names two objects; every other category names one set (possibly empty)."""
-    from .dense import asked_objects
+    from tokenzip.synthetic.geometry import asked_objects
 
     if question.category != "position":
         return [asked_objects(scene, question)]
@@ -547,7 +548,7 @@ def train(cfg: TrainConfig, out: Path | None = None, verbose: bool = True, test_
         "video_losses": [round(x, 4) for x in video_losses],
         "video_steps": len(video_losses),
         "vision_phase": vision_log,
-        "command": "python -m tokenzip.synthetic.train " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": "python -m training.train " + " ".join(sys.argv[1:]) if sys.argv else "",
         "config": asdict(cfg),
         "steps": step,
         "vision_steps": vision_log[-1]["step"] if vision_log else 0,
@@ -577,7 +578,7 @@ def measure(out: Path, test_samples: int = SPLITS["test"]) -> dict:
     """Reload the saved model as float32 (what users load), answer the first `test_samples` questions of the test
     split (and, for a model trained on video, the first of the video test clips) and store the accuracy per category
     and every answer in `out/training.json`; returns the report."""
-    from ..loading import load_vlm
+    from tokenzip.loading import load_vlm
 
     report = json.loads((out / "training.json").read_text())
     family = report["config"]["family"]
