@@ -1,4 +1,4 @@
-"""tokenzip.synthetic.attention_stats: tower attention mass on informative vs background patches (issue 20, item 3).
+"""training.attention_stats: tower attention mass on informative vs background patches (issue 20, item 3).
 
 The recomputed attention is checked against references that do not share its code path: eager attention weights of
 the CLIP / SigLIP towers (computed here, in the test only) and, for Qwen2.5-VL's windowed tower, a block-diagonal
@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from tokenzip.synthetic import sample
-from tokenzip.synthetic.attention_stats import (
+from tokenzip.synthetic.dataset import RENDER_SIDE
+from tokenzip.synthetic.truth import coverage, needed_raster
+from tokenzip.tiny import tiny
+from training.attention_stats import (
     _Capture,
     measure,
     qwen_query_masses,
     qwen_tower_raster,
     sample_masses,
 )
-from tokenzip.synthetic.dataset import RENDER_SIDE
-from tokenzip.synthetic.truth import coverage, needed_raster
-from tokenzip.tiny import tiny
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 

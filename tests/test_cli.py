@@ -134,7 +134,7 @@ NOT_RUN = {  # commands the README gives that a test cannot run offline on CPU, 
     "install-lmms-eval-cpu.sh": "installs packages (CI runs it before the suite)",
     "-m lmms_eval": "the lmms-eval CLI: tests/test_lmms_eval.py::test_lmms_eval_cli_end_to_end runs it",
     "--device cuda": "a CUDA GPU and a checkpoint download",
-    "-m tokenzip.synthetic.attention_stats": "minutes on a bundle; tests/test_attention_stats.py measures tiny models",
+    "-m training.attention_stats": "minutes on a bundle; tests/test_attention_stats.py measures tiny models",
 }
 FAST = {  # appended so that each README command runs in seconds (later options override earlier ones)
     "bench": ["--policies", "pool", "--keeps", "0.25", "--repeats", "1", "--warmup", "0", "--decode-tokens", "1"],

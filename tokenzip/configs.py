@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
-
 CLIP_L_336 = dict(
     hidden_size=1024,
     intermediate_size=4096,
@@ -154,16 +152,9 @@ def builtin_names() -> list[str]:
 
 
 def build_config(name: str, text_layers: int | None = None, vision_layers: int | None = None):
-    """The transformers config of built-in model `name` (optionally with fewer LLM / vision layers)."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaOnevisionConfig,
-        Qwen2_5_VLConfig,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    """The transformers config of built-in model `name` (optionally with fewer LLM / vision layers): the family's
+    adapter builds it from the typed-in `text` / `vision` / `top` settings."""
+    from .adapters import adapter_class
 
     if name not in BUILTIN:
         raise KeyError(f"unknown built-in model {name!r}; built-in: {', '.join(builtin_names())}")
@@ -172,46 +163,13 @@ def build_config(name: str, text_layers: int | None = None, vision_layers: int |
     vision = dict(spec["vision"])
     if text_layers is not None:
         text["num_hidden_layers"] = text_layers
-    family = spec["family"]
-    if family == "llava":
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
-        return LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision),
-            text_config=LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-            vision_feature_select_strategy="default",
-            projector_hidden_act="gelu",
-            **spec["top"],
-        )
-    if family == "qwen2_5_vl":
-        if vision_layers is not None:
-            vision["depth"] = vision_layers
-            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [
-                vision_layers - 1
-            ]
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **spec["top"])
-    if vision_layers is not None:
-        vision["num_hidden_layers"] = vision_layers
-    return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**vision),
-        text_config=Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=ONEVISION_PINPOINTS,
-        vision_aspect_ratio="anyres_max_9",
-        **spec["top"],
-    )
+    return adapter_class(spec["family"]).build_config(text, vision, spec["top"], vision_layers)
 
 
 def model_class(family: str):
-    from transformers import (
-        LlavaForConditionalGeneration,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2_5_VLForConditionalGeneration,
-    )
+    """The transformers model class of `family` (its adapter's first model class)."""
+    import transformers
 
-    return {
-        "llava": LlavaForConditionalGeneration,
-        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-        "llava_onevision": LlavaOnevisionForConditionalGeneration,
-    }[family]
+    from .adapters import adapter_class
+
+    return getattr(transformers, adapter_class(family).model_classes[0])

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import assets
+from .adapters import adapter_class
 from .errors import UnsupportedModelError
 
 MODEL_CLASSES = {
@@ -53,16 +54,15 @@ def load_processor(pretrained: str | Path) -> Any:
         processor = None
     if processor is not None and hasattr(processor, "image_processor"):
         return processor
-    if family == "llava":
-        raise UnsupportedModelError(f"could not build a LlavaProcessor from {where!r}")
-    return _image_only_processor(where, family)
+    image_only = adapter_class(family).image_only_processor()
+    if image_only is None:
+        raise UnsupportedModelError(f"could not build the {family} processor from {where!r}")
+    return _image_only_processor(where, image_only)
 
 
-def _image_only_processor(where: str, family: str) -> Any:
+def _image_only_processor(where: str, cls: type) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.utils import cached_file
-
-    from .processors import IMAGE_ONLY_PROCESSORS
 
     tokenizer = AutoTokenizer.from_pretrained(where)
     image_processor = AutoImageProcessor.from_pretrained(where)
@@ -73,7 +73,6 @@ def _image_only_processor(where: str, family: str) -> Any:
         options = {k: v for k, v in saved.items() if k in ("num_image_tokens", "vision_feature_select_strategy")}
     template_file = cached_file(where, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
     chat_template = Path(template_file).read_text() if template_file else tokenizer.chat_template
-    cls = IMAGE_ONLY_PROCESSORS[family]()
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **options)
 
 

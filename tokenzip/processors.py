@@ -46,6 +46,3 @@ def ov_image_only_processor_cls():
             )
 
     return LlavaOnevisionImageOnlyProcessor
-
-
-IMAGE_ONLY_PROCESSORS = {"qwen2_5_vl": qwen_image_only_processor_cls, "llava_onevision": ov_image_only_processor_cls}

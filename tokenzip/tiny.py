@@ -459,3 +459,14 @@ def tiny(family: str, **kw) -> TinyVLM:
     if family not in FACTORIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(FACTORIES)}")
     return FACTORIES[family](**kw)
+
+
+VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}  # the families with video
+
+
+def video_inputs(vlm: TinyVLM, frames: int = 4) -> dict:
+    """A one-video prompt of `frames` dummy frames for a tiny model (ValueError for a family without video)."""
+    make = VIDEO_INPUTS.get(vlm.family)
+    if make is None:
+        raise ValueError(f"{vlm.family} has no video input; video families: {sorted(VIDEO_INPUTS)}")
+    return make(vlm, frames=frames)

@@ -13,6 +13,14 @@ from .qwen2_5_vl import Qwen25VLAdapter
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter)
 
 
+def adapter_class(family: str) -> type[Adapter]:
+    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision')."""
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise UnsupportedModelError(f"unknown model family {family!r}; families: {[a.family for a in ADAPTERS]}")
+
+
 def supported_classes() -> list[str]:
     """Class names of the supported model families."""
     return [name for a in ADAPTERS for name in a.model_classes]
@@ -30,4 +38,4 @@ def get_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "ModelInfo", "get_adapter", "supported_classes"]
+__all__ = ["ADAPTERS", "Adapter", "ModelInfo", "adapter_class", "get_adapter", "supported_classes"]

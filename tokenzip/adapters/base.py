@@ -153,6 +153,25 @@ class Adapter(ABC):
         `frames` frames when frames > 0, as the processor would lay them out, without pixels (pricing):
         (item shapes, vision tower rows, Qwen-style (t, h, w) patch grids or None)."""
 
+    @abstractmethod
+    def example_inputs(
+        self,
+        shapes: list[ItemShape],
+        grids: list[tuple[int, int, int]] | None,
+        images: int,
+        image_size: tuple[int, int] | None,
+        frames: int,
+        text: Any,
+        generator: torch.Generator,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Hand-built model inputs of the `example_items` (`shapes`, `grids`) for a model without a processor
+        (random-weight bench models): the token runs of the items (placeholders and their framing; `text(n)` gives
+        n random text ids) and the random pixel / grid / size tensors the model's forward takes."""
+
+    def token_types(self, input_ids: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        """Extra per-token inputs the model needs beside `input_ids` (none by default)."""
+        return {}
+
     def projector_tokens(self, rows: int, vision_widths: list[int] | None = None) -> int:
         """Tokens the projector processes for `rows` tower rows (`vision_widths`: per encoder layer, the row width a
         vision stage left; None = full rows). 0 where the projector is part of the tower (Qwen's merger)."""
@@ -178,6 +197,19 @@ class Adapter(ABC):
             self.config, "vision_feature_select_strategy", "full"
         )
         return 1 if strategy == "default" else 0
+
+    @classmethod
+    @abstractmethod
+    def build_config(cls, text: dict, vision: dict, top: dict, vision_layers: int | None = None) -> Any:
+        """The transformers config of a checkpoint of this family from typed-in settings (`tokenzip.configs`):
+        `text` / `vision` sub-config keyword arguments, `top` the top-level ones; `vision_layers` shortens the
+        tower."""
+
+    @classmethod
+    def image_only_processor(cls) -> type | None:
+        """A processor class without the video processor (which needs torchvision), or None if the family's
+        processor has none to drop."""
+        return None
 
     @property
     def vision_feature_layer(self) -> int | None:
@@ -288,6 +320,24 @@ class ViTTowerAdapter(Adapter):
 
     def cell_pixels(self, modality: str, part: Any) -> int:
         return max(1, self.config.vision_config.image_size // self.grid)
+
+    def placeholder_id(self, modality: str) -> int:
+        """The placeholder token id of `modality` in the model's config."""
+        key = f"{modality}_token_index"
+        value = getattr(self.config, key, None)
+        return int(value if value is not None else getattr(self.config, f"{modality}_token_id"))
+
+    def example_inputs(self, shapes, grids, images, image_size, frames, text, generator):
+        placeholder = self.placeholder_id("video" if frames else "image")
+        runs = []
+        for shape in shapes:
+            runs += [torch.full((shape.length,), placeholder), text(1)]
+        return runs, self.example_pixels(images, image_size, frames, generator)
+
+    def example_pixels(self, images: int, image_size, frames: int, generator: torch.Generator) -> dict:
+        """Random pixel tensors of `images` images (or one video of `frames` frames) as the processor shapes them."""
+        side = self.config.vision_config.image_size
+        return {"pixel_values": torch.randn(images, 3, side, side, generator=generator)}
 
 
 def interleave_structural(values: torch.Tensor, shape: ItemShape) -> torch.Tensor:

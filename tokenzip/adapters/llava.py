@@ -44,6 +44,20 @@ class LlavaAdapter(ViTTowerAdapter):
 
     crops_images = True  # the CLIP processor resizes the short side and centre-crops
 
+    @classmethod
+    def build_config(cls, text: dict, vision: dict, top: dict, vision_layers: int | None = None) -> Any:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        if vision_layers is not None:
+            vision = {**vision, "num_hidden_layers": vision_layers}
+        return LlavaConfig(
+            vision_config=CLIPVisionConfig(**vision),
+            text_config=LlamaConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            **top,
+        )
+
     def example_items(
         self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
     ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:

@@ -13,6 +13,8 @@ from ..errors import UnsupportedModelError
 from ..items import GridPart, ItemShape
 from .base import ViTTowerAdapter, interleave_structural
 
+PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]  # the 7B / 0.5B checkpoints' anyres grids
+
 
 class LlavaOnevisionAdapter(ViTTowerAdapter):
     """Geometry of OneVision's packed features.
@@ -39,6 +41,28 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
     def token_ids(self) -> dict[str, int]:
         return {"image": int(self.config.image_token_id), "video": int(self.config.video_token_id)}
 
+    @classmethod
+    def build_config(cls, text: dict, vision: dict, top: dict, vision_layers: int | None = None) -> Any:
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        if vision_layers is not None:
+            vision = {**vision, "num_hidden_layers": vision_layers}
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision),
+            text_config=Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=PINPOINTS,
+            vision_aspect_ratio="anyres_max_9",
+            **top,
+        )
+
+    @classmethod
+    def image_only_processor(cls) -> type | None:
+        from ..processors import ov_image_only_processor_cls
+
+        return ov_image_only_processor_cls()
+
     def example_items(
         self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
     ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
@@ -49,6 +73,20 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
         h, w = image_size or (768, 768)
         args = {"image_sizes": torch.tensor([[h, w]] * images), "batch_num_images": torch.tensor([images])}
         return self.item_shapes("image", args, None, check=False), sum(self._tiles_per_image(args)), None
+
+    def example_pixels(self, images: int, image_size, frames: int, generator: torch.Generator) -> dict:
+        side = self.config.vision_config.image_size
+        if frames:
+            return {"pixel_values_videos": torch.randn(1, frames, 3, side, side, generator=generator)}
+        h, w = image_size or (768, 768)
+        sizes = torch.tensor([[h, w]] * images)
+        args = {"image_sizes": sizes, "batch_num_images": torch.tensor([images])}
+        tiles = max(self._tiles_per_image(args))
+        return {
+            "pixel_values": torch.randn(images, tiles, 3, side, side, generator=generator),
+            "image_sizes": sizes,
+            "batch_num_images": torch.tensor([images]),
+        }
 
     def cell_pixels(self, modality: str, part: Any) -> int:
         side = self.config.vision_config.image_size

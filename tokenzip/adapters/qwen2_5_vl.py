@@ -67,6 +67,21 @@ class Qwen25VLAdapter(Adapter):
     def dropped_feature_tokens(self, arguments: dict[str, Any]) -> int:
         return 0
 
+    @classmethod
+    def build_config(cls, text: dict, vision: dict, top: dict, vision_layers: int | None = None) -> Any:
+        from transformers import Qwen2_5_VLConfig
+
+        if vision_layers is not None:
+            full = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [vision_layers - 1]
+            vision = {**vision, "depth": vision_layers, "fullatt_block_indexes": full}
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+
+    @classmethod
+    def image_only_processor(cls) -> type | None:
+        from ..processors import qwen_image_only_processor_cls
+
+        return qwen_image_only_processor_cls()
+
     def example_items(
         self, images: int = 1, image_size: tuple[int, int] | None = None, frames: int = 0
     ) -> tuple[list[ItemShape], int, list[tuple[int, int, int]] | None]:
@@ -79,6 +94,31 @@ class Qwen25VLAdapter(Adapter):
             return self.item_shapes("video", {"video_grid_thw": grids}, None), 0, grids
         grids = [(1, grid_h, grid_w)] * images
         return self.item_shapes("image", {"image_grid_thw": grids}, None), 0, grids
+
+    def example_inputs(self, shapes, grids, images, image_size, frames, text, generator):
+        config = self.config
+        placeholder = config.video_token_id if frames else config.image_token_id
+        start = config.vision_start_token_id
+        end = start + 1  # <|vision_end|> follows <|vision_start|> in the Qwen2.5-VL vocabulary
+        runs = []
+        for shape in shapes:
+            runs += [torch.tensor([start]), torch.full((shape.length,), placeholder), torch.tensor([end])]
+        vcfg = config.vision_config
+        rows = sum(t * h * w for t, h, w in grids)
+        flat = torch.randn(rows, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2, generator=generator)
+        grid = torch.tensor(grids)
+        if frames:
+            return runs, {
+                "pixel_values_videos": flat,
+                "video_grid_thw": grid,
+                "second_per_grid_ts": torch.ones(len(grid)),
+            }
+        return runs, {"pixel_values": flat, "image_grid_thw": grid}
+
+    def token_types(self, input_ids: torch.Tensor, modality: str) -> dict[str, torch.Tensor]:
+        """`mm_token_type_ids`: 1 at image placeholders, 2 at video placeholders (the model's rope index needs them)."""
+        placeholder = self.config.video_token_id if modality == "video" else self.config.image_token_id
+        return {"mm_token_type_ids": (input_ids == placeholder).long() * (2 if modality == "video" else 1)}
 
     @property
     def temporal_patch(self) -> int:

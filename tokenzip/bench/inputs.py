@@ -58,55 +58,14 @@ def synthetic_inputs(
     if not frames and images == 0:
         raise ValueError("synthetic inputs need at least one image or a video (frames > 0)")
     adapter = get_adapter(model)
-    config = model.config
     work = workload(model, images=images, image_size=image_size, frames=frames, text_tokens=text_tokens)
     g = torch.Generator().manual_seed(seed)
-    _text = _text_sampler(config, g)
-    family = adapter.family
-    modality = "video" if frames else "image"
-    pieces: list[torch.Tensor] = [_text(text_tokens // 2)]
-    extra: dict[str, torch.Tensor] = {}
-    if family == "qwen2_5_vl":
-        placeholder = config.video_token_id if frames else config.image_token_id
-        start = config.vision_start_token_id
-        end = start + 1  # <|vision_end|> follows <|vision_start|> in the Qwen2.5-VL vocabulary
-        for shape in work.shapes:
-            pieces += [torch.tensor([start]), torch.full((shape.length,), placeholder), torch.tensor([end])]
-        vcfg = config.vision_config
-        rows = sum(t * h * w for t, h, w in work.qwen_grids)
-        flat = torch.randn(rows, 3 * vcfg.temporal_patch_size * vcfg.patch_size**2, generator=g)
-        grids = torch.tensor(work.qwen_grids)
-        if frames:
-            extra.update(pixel_values_videos=flat, video_grid_thw=grids, second_per_grid_ts=torch.ones(len(grids)))
-        else:
-            extra.update(pixel_values=flat, image_grid_thw=grids)
-    else:
-        key = "video_token_index" if frames else "image_token_index"
-        placeholder = getattr(config, key, None)
-        if placeholder is None:
-            placeholder = getattr(config, key.replace("_index", "_id"))
-        for shape in work.shapes:
-            pieces += [torch.full((shape.length,), placeholder), _text(1)]
-        side = config.vision_config.image_size
-        if family == "llava":
-            extra["pixel_values"] = torch.randn(images, 3, side, side, generator=g)
-        elif frames:
-            extra["pixel_values_videos"] = torch.randn(1, frames, 3, side, side, generator=g)
-        else:
-            h, w = image_size or (768, 768)
-            sizes = torch.tensor([[h, w]] * images)
-            args = {"image_sizes": sizes, "batch_num_images": torch.tensor([images])}
-            tiles = adapter._tiles_per_image(args)
-            extra.update(
-                pixel_values=torch.randn(images, max(tiles), 3, side, side, generator=g),
-                image_sizes=sizes,
-                batch_num_images=torch.tensor([images]),
-            )
-    pieces.append(_text(text_tokens - text_tokens // 2))
-    ids = torch.cat(pieces)[None]
+    text = _text_sampler(model.config, g)
+    first = text(text_tokens // 2)  # drawn in prompt order: the item runs and pixels, then the rest of the text
+    runs, extra = adapter.example_inputs(work.shapes, work.qwen_grids, images, image_size, frames, text, g)
+    ids = torch.cat([first, *runs, text(text_tokens - text_tokens // 2)])[None]
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if family == "qwen2_5_vl":
-        out["mm_token_type_ids"] = (ids == placeholder).long() * (2 if modality == "video" else 1)
+    out.update(adapter.token_types(ids, "video" if frames else "image"))
     out.update(extra)
     return replicate(out, batch)
 

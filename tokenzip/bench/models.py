@@ -127,7 +127,7 @@ def load_model(
 
 
 def _tiny(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> BenchModel:
-    from ..tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+    from ..tiny import dummy_image, tiny, video_inputs
 
     family = TINY[name]
     vlm = tiny(family, attn=attn)
@@ -135,13 +135,10 @@ def _tiny(name: str, dev: torch.device, dtype: torch.dtype, attn: str) -> BenchM
 
     def make_inputs(work: Workload) -> dict:
         if work.frames:
-            if family == "llava":
-                raise BenchSetupError("LLaVA-1.5 has no video input; use images")
-            one = (
-                qwen_video_inputs(vlm, frames=work.frames)
-                if family == "qwen2_5_vl"
-                else ov_video_inputs(vlm, frames=work.frames)
-            )
+            try:
+                one = video_inputs(vlm, frames=work.frames)
+            except ValueError as err:
+                raise BenchSetupError(f"{err}; use images") from err
         else:
             h, w = work.image_size or (112, 112)
             images = [dummy_image(w, h, seed) for seed in range(work.images)]

@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 
-from ..adapters import get_adapter
-from ..errors import UnsupportedInputError
-from ..signals.attention import encoder_attention_rows, qwen_vision_qk
-from .dataset import RENDER_SIDE, VERSIONS, Sample, sample
-from .evaluate import messages_for
-from .truth import coverage, needed_raster
+from tokenzip.adapters import get_adapter
+from tokenzip.errors import UnsupportedInputError
+from tokenzip.signals.attention import encoder_attention_rows, qwen_vision_qk
+from tokenzip.synthetic.dataset import RENDER_SIDE, VERSIONS, Sample, sample
+from tokenzip.synthetic.evaluate import messages_for
+from tokenzip.synthetic.truth import coverage, needed_raster
 
 
 @dataclass
