@@ -184,10 +184,16 @@ def test_a_policy_class_that_is_not_a_frozen_dataclass_of_options_is_refused_at_
         name = "undeclared"
         alpha: float = 0.1  # no Float(...): its values would not be checked
 
-    for cls, match in ((NoDataclass, "@dataclass"), (Undeclared, "without an option declaration")):
+    @dataclasses.dataclass(frozen=True)
+    class Unpriced(Policy):
+        name = "unpriced"
+        alpha: float = Float(0.1, ge=0)
+
+    cases = ((NoDataclass, "@dataclass"), (Undeclared, "without an option declaration"), (Unpriced, "nominal"))
+    for cls, match in cases:
         with pytest.raises(TypeError, match=match):
             register(cls)
-    assert "no_dataclass" not in tokenzip.list_policies() and "undeclared" not in tokenzip.list_policies()
+    assert not {"no_dataclass", "undeclared", "unpriced"} & set(tokenzip.list_policies())
 
 
 def test_defaults_are_derived_from_the_declarations():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenzip.budget import item_budget, one_stage_llm_count, validate_keep
+from tokenzip.budget import geometric_schedule, item_budget, one_stage_llm_count, validate_keep
 from tokenzip.contexts import Selection
 from tokenzip.engine.compose import compose_prompt, compose_slots
 from tokenzip.engine.layout import Layout, compact_positions, take
@@ -223,3 +224,31 @@ def test_compose_slots_orders_and_validates():
     assert where.tolist() == [1, 2] and values[:, 0].tolist() == [3.0, 1.0]
     with pytest.raises(ValueError, match="not real prunable tokens"):
         compose_slots(valid, visual, item, Selection(torch.tensor([0])))
+
+
+# ------------------------------------------------------------------------------------------ geometric_schedule
+@given(
+    n=st.integers(2, 3000),
+    share=st.floats(0.0, 1.0),
+    widths=st.lists(st.integers(1, 12), min_size=2, max_size=6),
+    floor=st.integers(1, 8),
+    spread=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_geometric_schedule_meets_the_layer_average_within_its_bounds(n, share, widths, floor, spread):
+    """Counts never increase, stay in [floor, n], and the layer-weighted sum meets the goal within half a layer's
+    token per stage wherever the bounds let it (between all-at-floor and all-at-n)."""
+    floor = min(floor, n)
+    layers = sum(widths)
+    lowest = widths[0] * n + (layers - widths[0]) * floor
+    goal = lowest + share * (n * layers - lowest)
+    counts = geometric_schedule(goal, n, widths, floor=floor, spread=spread)
+    assert len(counts) == len(widths) - 1
+    assert all(floor <= c <= n for c in counts)
+    assert all(b <= a for a, b in itertools.pairwise(counts))
+    total = widths[0] * n + sum(w * c for w, c in zip(widths[1:], counts, strict=True))
+    if spread:  # ATP's rule: the rest a bound stops the last count from absorbing goes to the earlier counts
+        assert abs(total - goal) <= layers / 2 + 1e-6
+    else:  # the last count absorbs the rounding unless a bound (the floor, the count before it) stops it
+        previous = counts[-2] if len(counts) > 1 else n
+        assert abs(total - goal) <= widths[-1] / 2 + 1e-6 or counts[-1] in (floor, previous)

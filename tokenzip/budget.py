@@ -154,3 +154,59 @@ def one_stage_count(
         reason = f"at layer {layer} of {n_layers} the first {layer} layers see all {n_tokens}; lower the layer"
         raise infeasible_budget(policy, reason, keep, target, floor, list(sizes) or [n_tokens])
     return min(n_tokens, max(1, round(r)))
+
+
+def geometric_schedule(
+    goal: float,
+    first: int,
+    widths: Sequence[int],
+    floor: int = 1,
+    solve_floor: float | None = None,
+    spread: bool = False,
+) -> list[int]:
+    """Counts of a multi-stage schedule whose layer-weighted sum is `goal` (= n_layers x the layer-averaged budget):
+    `first` tokens for the widths[0] layers before the first stage, then n_i = round(first lambda^i) for widths[i]
+    layers each (i = 1..S), lambda in (0, 1) solved by bisection from
+
+        widths[0] first + sum_i widths[i] max(solve_floor, first lambda^i) = goal
+
+    (`solve_floor` defaults to `floor`). Every count is at least `floor`, counts never increase, and the last one
+    absorbs the rounding so the average is exact where the bounds allow; with `spread` the rest the bounds stop it
+    from absorbing is given to the earlier counts, last to first (within half a layer's worth of `goal`). Returns
+    [n_1, ..., n_S]; every n_i = `first` when `first` over all layers fits the goal.
+
+    One solver for the layer-averaged schedules of ATP (floor 1, spread), MustDrop (floor = its key set) and
+    VisionDrop (solve_floor 0, first = its stage-1 count); a policy's own feasibility check comes first.
+    """
+    stages = len(widths) - 1
+    if first * sum(widths) <= goal:
+        return [first] * stages
+    low = floor if solve_floor is None else solve_floor
+
+    def total(lam: float) -> float:
+        return widths[0] * first + sum(widths[i] * max(low, first * lam**i) for i in range(1, stages + 1))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) < goal else (lo, mid)
+    lam = (lo + hi) / 2
+    counts = [max(floor, round(first * lam**i)) for i in range(1, stages)]
+    if widths[stages]:
+        last = (goal - widths[0] * first - sum(widths[i] * counts[i - 1] for i in range(1, stages))) / widths[stages]
+        counts.append(max(floor, round(last)))
+    else:  # no layer runs on the last count: it repeats the one before
+        counts.append(counts[-1] if counts else first)
+    for i in range(1, stages):
+        counts[i] = min(counts[i], counts[i - 1])
+    counts[0] = min(counts[0], first)
+    if spread:
+        residual = goal - widths[0] * first - sum(widths[i + 1] * c for i, c in enumerate(counts))
+        if abs(residual) > sum(widths) / 2:  # a bound stopped the last count: spread the rest, last stage first
+            for i in reversed(range(stages)):
+                low_i = counts[i + 1] if i + 1 < stages else floor
+                high_i = counts[i - 1] if i > 0 else first
+                new = min(high_i, max(low_i, counts[i] + round(residual / widths[i + 1])))
+                residual -= widths[i + 1] * (new - counts[i])
+                counts[i] = new
+    return counts

@@ -20,9 +20,11 @@ from .state import Decisions, ForwardState
 
 
 def edit_kv_cache(cfg: PatchConfig, st: ForwardState, cache: Any, decisions: Decisions | None) -> None:
-    """The decode stage, once prefill is done: the policy's per-layer selections of visual KV entries are applied
-    to `cache` (each edited layer gets a layout of its own in `st.layer_layouts`). Without a cache
-    (`use_cache=False`) they are only recorded in `decisions`, for a replay to apply as masks."""
+    """The decode stage, once prefill is done: the policy's per-layer selections (`Selection` per sample over slots
+    of that layer's layout) of visual KV entries are applied to `cache` (keys / values [B, H_kv, L, d] gathered to
+    [B, H_kv, L', d]; each edited layer gets a layout of its own in `st.layer_layouts`). Without a cache
+    (`use_cache=False`) they are only recorded in `decisions` (as LLM-input slots), for a replay to apply as
+    masks."""
     with stopwatch(torch.device("cpu")) as seconds:
         ctx = DecodeContext(
             cfg.info,
@@ -55,9 +57,10 @@ def edit_kv_cache(cfg: PatchConfig, st: ForwardState, cache: Any, decisions: Dec
 
 
 def decode_step_inputs(cfg: PatchConfig, st: ForwardState, kwargs: dict) -> dict | None:
-    """Pre-hook of the decoder stack in a decode step: the 2-D mask and positions of the new tokens on the
-    compressed prompt (the prompt part of the mask becomes the LLM-input layout's; positions continue from the
-    original frame, shifted where compact). None when the step's own arguments are right."""
+    """Pre-hook of the decoder stack in a decode step (`inputs_embeds` [B, q, D]): the 2-D mask [B, L0 + t + q]
+    of the new tokens on the compressed prompt (its prompt part is the LLM-input layout's validity) and their
+    position ids [B, q] (or [R, B, q] for M-RoPE), continuing the original frame, shifted where compact. None
+    when the step's own arguments are right."""
     embeds = kwargs["inputs_embeds"]
     batch, q = embeds.shape[0], embeds.shape[1]
     t = appended_tokens(st, kwargs)

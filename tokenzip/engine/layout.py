@@ -49,6 +49,11 @@ class Layout:
     def length(self) -> int:
         return self.valid.shape[1]
 
+    def visual_slots(self, b: int) -> torch.Tensor:
+        """LongTensor [n]: the slots of sample b's real visual content tokens (what in-LLM stages select from), in
+        sequence order."""
+        return (self.valid[b] & self.visual[b]).nonzero().flatten()
+
     def visual_counts(self) -> torch.Tensor:
         """LongTensor [B]: visual content tokens per sample."""
         return (self.visual & self.valid).sum(1)

@@ -25,8 +25,10 @@ Replayed = Callable[[int], list[Selection]] | None  # rows -> the recorded selec
 
 
 def capture_signal(cfg: PatchConfig, capture: CallCapture, sig: VisionSignal, module, args, kwargs) -> None:
-    """Compute vision signal `sig` from the inputs of attention module `module` into `capture.signals` (scattered
-    back onto the full row when a vision stage shortened it)."""
+    """Compute vision signal `sig` from the inputs of attention module `module` into `capture.signals[sig.key]`:
+    [R, T] per tower row over the row's tokens (CLS at 0 where present; `keys`: [R, T, d]) for CLIP / SigLIP,
+    [N] packed in the tower's window order for Qwen2.5-VL; scattered back onto the full row (NaN at dropped
+    slots) when a vision stage shortened it."""
     hidden = args[0] if args else kwargs["hidden_states"]
     where, what = f"vision layer {sig.layer}", f"vision signal {sig.kind!r}"
     with stopwatch(hidden.device) as seconds:
@@ -43,8 +45,9 @@ def capture_signal(cfg: PatchConfig, capture: CallCapture, sig: VisionSignal, mo
 
 def vision_stage(cfg: PatchConfig, capture: CallCapture, index: int, args, kwargs, replayed: Replayed):
     """Pre-hook of encoder layer `index` (at or after the stage layer): at the stage layer, ask the policy which
-    patches of each row continue (CLS stays first), right-pad the rows and build the padding mask; every later
-    layer gets the shortened rows and the mask. Returns the hook's (args, kwargs), or None."""
+    patches of each row continue (`Selection` per row over patch indices 0..P-1, CLS excluded; CLS stays first),
+    right-pad the rows to [R, W, D] and build the padding mask; every later layer gets the shortened rows and the
+    mask. Returns the hook's (args, kwargs), or None."""
     hidden = args[0] if args else kwargs["hidden_states"]
     if index == cfg.plan.vision_layer:
         with stopwatch(hidden.device) as seconds:
@@ -88,8 +91,9 @@ def vision_stage(cfg: PatchConfig, capture: CallCapture, index: int, args, kwarg
 
 
 def projector_input_stage(cfg: PatchConfig, capture: CallCapture, features: torch.Tensor, replayed: Replayed):
-    """Before the projector: the policy selects / merges the feature layer's tokens of each row (CLS included);
-    the projector then runs on the selected values only (right-padded rows). Returns the projector's input."""
+    """Before the projector: the policy selects / merges the feature layer's tokens of each row (`Selection` per
+    row over token indices 0..T-1 of `capture.feature_out` [R, T, D_vision], CLS = 0); the projector then runs on
+    the selected values only. Returns the projector's input [R, max kept, D_vision] (right-padded rows)."""
     hidden = capture.feature_out
     with stopwatch(hidden.device) as seconds:
         require_finite(hidden, cfg.policy.name, "the projector-input stage", "vision features")

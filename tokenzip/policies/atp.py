@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, infeasible_budget, item_budget
+from ..budget import Keep, geometric_schedule, infeasible_budget, item_budget
 from ..contexts import LLMSignal, LLMStageContext, Plan, Selection
 from ..errors import PolicyOptionError
 from ..ops.topk import topk_stable
@@ -154,31 +154,8 @@ def atp_schedule(target: float, n_visual: int, prune_layers: tuple[int, ...], n_
     (shallow LLMs, budgets near the floor), the earlier counts take the rest, last to first, so the layer average
     stays within half a token of `target` whenever `target` >= `atp_floor` - 1/2 (tokenzip's budget rule).
     """
-    w = stage_widths(prune_layers, n_layers)
-    goal = n_layers * target
-    stages = len(prune_layers)
-    if n_visual <= target:
-        return [n_visual] * stages
-    lo, hi = 0.0, 1.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        total = w[0] * n_visual + sum(w[i] * max(1.0, n_visual * mid**i) for i in range(1, stages + 1))
-        lo, hi = (mid, hi) if total < goal else (lo, mid)
-    lam = (lo + hi) / 2
-    counts = [max(1, round(n_visual * lam**i)) for i in range(1, stages)]
-    last = (goal - w[0] * n_visual - sum(w[i] * counts[i - 1] for i in range(1, stages))) / w[stages]
-    counts.append(max(1, round(last)))
-    for i in range(1, stages):
-        counts[i] = min(counts[i], counts[i - 1])
-    residual = goal - w[0] * n_visual - sum(w[i + 1] * c for i, c in enumerate(counts))
-    if abs(residual) > n_layers / 2:  # a bound stopped the last count: spread the rest, last stage first
-        for i in reversed(range(stages)):
-            low = counts[i + 1] if i + 1 < stages else 1
-            high = counts[i - 1] if i > 0 else n_visual
-            new = min(high, max(low, counts[i] + round(residual / w[i + 1])))
-            residual -= w[i + 1] * (new - counts[i])
-            counts[i] = new
-    return counts
+    widths = stage_widths(prune_layers, n_layers)
+    return geometric_schedule(n_layers * target, n_visual, widths, floor=1, spread=True)
 
 
 def check_atp_budget(
@@ -317,7 +294,7 @@ class ATPPolicy(Policy):
             rates = list(self.spatial_rates)
         out = []
         for b, items in enumerate(ctx.items.per_sample):
-            visual = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            visual = layout.visual_slots(b)
             if not items or visual.numel() == 0:
                 out.append(Selection(torch.zeros(0, dtype=torch.long)))
                 continue

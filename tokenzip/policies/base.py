@@ -377,9 +377,9 @@ class Policy(metaclass=_PolicyType):
 
 
 def check_policy_class(cls: type) -> None:
-    """Refuse a policy class that cannot be constructed safely (raises TypeError at registration): not a Policy,
-    no name, not a frozen dataclass of its own, a field without an option declaration, a default its own
-    declaration refuses."""
+    """Refuse a policy class that cannot be constructed or priced safely (raises TypeError at registration): not a
+    Policy, no name, not a frozen dataclass of its own, no `nominal`, a field without an option declaration, a
+    default its own declaration refuses."""
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise TypeError(f"{cls!r} is not a tokenzip Policy subclass")
     if not cls.name:
@@ -395,6 +395,11 @@ def check_policy_class(cls: type) -> None:
             )
         spec = f.metadata[OPTION]
         spec.check(cls.name, f.name, spec.default)
+    if cls.nominal is Policy.nominal:
+        raise TypeError(
+            f"{cls.__name__} must implement nominal(info, shape, keep): `tokenzip flops` and "
+            "benchmarks/flops_table.py price every registered policy with it (the scorer bases implement it)"
+        )
 
 
 def options_doc(cls: type[Policy]) -> str:

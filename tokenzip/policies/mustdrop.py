@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, infeasible_budget, item_budget
+from ..budget import Keep, geometric_schedule, infeasible_budget, item_budget
 from ..contexts import (
     DecodeContext,
     LLMSignal,
@@ -191,23 +191,7 @@ def mustdrop_schedule(
     goal = n_layers * target
     if w[0] * n_merged + (n_layers - w[0]) * n_key > goal:
         return [n_key] * stages, True
-    if n_merged <= target:
-        return [n_merged] * stages, False
-
-    def total(lam: float) -> float:
-        return w[0] * n_merged + sum(w[i] * max(n_key, n_merged * lam**i) for i in range(1, stages + 1))
-
-    lo, hi = 0.0, 1.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) < goal else (lo, mid)
-    lam = (lo + hi) / 2
-    counts = [max(n_key, round(n_merged * lam**i)) for i in range(1, stages)]
-    last = (goal - w[0] * n_merged - sum(w[i] * counts[i - 1] for i in range(1, stages))) / w[stages]
-    counts.append(max(n_key, round(last)))
-    for i in range(1, stages):
-        counts[i] = min(counts[i], counts[i - 1])
-    return counts, False
+    return geometric_schedule(goal, n_merged, w, floor=n_key), False
 
 
 def default_prune_layers(n_layers: int) -> tuple[int, ...]:
@@ -525,7 +509,7 @@ class MustDropPolicy(Policy):
         layout = ctx.layout
         out = []
         for b, items in enumerate(ctx.items.per_sample):
-            visual = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            visual = layout.visual_slots(b)
             if not items or visual.numel() == 0:
                 out.append(Selection(torch.zeros(0, dtype=torch.long)))
                 continue
@@ -557,7 +541,7 @@ class MustDropPolicy(Policy):
                 continue
             per_sample = []
             for b in range(layout.batch):
-                visual = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+                visual = layout.visual_slots(b)
                 survivors = final.lm_src[b][final.valid[b] & final.visual[b]]
                 per_sample.append(Selection(visual[torch.isin(layout.lm_src[b, visual], survivors)]))
             edits[layer] = per_sample

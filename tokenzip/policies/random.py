@@ -118,7 +118,7 @@ class RandomPolicy(Policy):
         out = []
         layout = ctx.layout
         for b, target in enumerate(ctx.item_targets()):
-            slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            slots = layout.visual_slots(b)
             n = slots.numel()
             if n == 0:  # a sample without visual tokens (e.g. no image in its prompt) passes through
                 out.append(Selection(slots))
@@ -134,7 +134,7 @@ class RandomPolicy(Policy):
             layout = ctx.layer_layouts[layer]
             per_sample = []
             for b, items in enumerate(ctx.items.per_sample):
-                slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+                slots = layout.visual_slots(b)
                 target = sum(item_budget(ctx.keep, it.shape.n_content) for it in items)
                 per_sample.append(self._sample_choice(slots, min(slots.numel(), target), ctx.sample_keys[b]))
             edits[layer] = per_sample

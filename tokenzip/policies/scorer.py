@@ -135,7 +135,7 @@ class LLMScorerPolicy(Policy):
         scores = _checked_scores(self.name, self.score(ctx), (layout.batch, layout.length), f"layer {ctx.layer}")
         out = []
         for b, target in enumerate(ctx.item_targets()):
-            slots = (layout.valid[b] & layout.visual[b]).nonzero().flatten()
+            slots = layout.visual_slots(b)
             sizes = [it.shape.n_content for it in ctx.items.per_sample[b]]
             count = self.count(slots.numel(), target, ctx.info.n_llm_layers, ctx.keep, sizes) if slots.numel() else 0
             candidates = scores[b, slots.to(scores.device)]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelInfo
-from ..budget import Keep, item_budget
+from ..budget import Keep, geometric_schedule, item_budget
 from ..contexts import LLMStageContext, Plan, PreLLMItem, ProjectorInputContext, Selection, VisionSignal
 from ..errors import PolicyOptionError
 from ..ops.grad import differentiable_values
@@ -131,20 +131,8 @@ def visiondrop_schedule(
     edges = (0, *boundaries, n_layers)
     w = [edges[k + 1] - edges[k] for k in range(4)]
     if decay is None:
-        goal = n_layers * target
-        if e * sum(w) <= goal:
-            lam = 1.0
-        else:
-            lo, hi = 0.0, 1.0
-            for _ in range(100):
-                mid = (lo + hi) / 2
-                total = sum(w[k] * e * mid**k for k in range(4))
-                lo, hi = (mid, hi) if total < goal else (lo, mid)
-            lam = (lo + hi) / 2
-        n1, n2 = round(e * lam), round(e * lam**2)
-        n3 = round((goal - w[0] * e - w[1] * n1 - w[2] * n2) / w[3]) if w[3] else n2
-    else:
-        n1, n2, n3 = (round(e * decay**k) for k in (1, 2, 3))
+        return [e, *geometric_schedule(n_layers * target, e, w, floor=1, solve_floor=0)]
+    n1, n2, n3 = (round(e * decay**k) for k in (1, 2, 3))
     counts = [e, n1, n2, n3]
     for k in range(1, 4):
         counts[k] = max(1, min(counts[k], counts[k - 1]))
