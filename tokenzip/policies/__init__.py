@@ -4,7 +4,20 @@ Importing this package registers the built-in policies; third-party ones come fr
 points (`registry.load_plugins`).
 """
 
-from . import atp, fastv, hiprune, holitom, holov, mustdrop, none, oracle, pool, random, visiondrop  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    atp,
+    divprune,
+    fastv,
+    hiprune,
+    holitom,
+    holov,
+    mustdrop,
+    none,
+    oracle,
+    pool,
+    random,
+    visiondrop,
+)
 from .base import Bool, Choice, Float, Int, Option, Policy, Tuple
 from .registry import get_policy_class, list_policies, register
 from .scorer import LLMScorerPolicy, ScorerPolicy
