@@ -26,6 +26,7 @@ POLICY_CASES = {
     "mustdrop": {},
     "atp": {},
     "holitom": {},
+    "dart": {},
     "divprune": {},
 }
 

@@ -14,7 +14,7 @@ from tokenzip.policies.base import Bool, Choice, Float, Int, Option, Policy, Tup
 from tokenzip.policies.registry import get_policy_class, register
 
 POLICIES = (
-    "atp", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random",
+    "atp", "dart", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random",
     "visiondrop",
 )  # fmt: skip
 

@@ -77,6 +77,8 @@ class LLMSignal:
     'last_row':         [B, L] head-mean attention of each sample's last token over all slots (FastV);
     'rows_from_visual': [B, L, L] head-mean attention of every query row from the batch's first visual slot on
                         (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows).
+    'key_l1':           [B, L] L1 norm of each slot's post-RoPE key, all KV heads concatenated (DART's pivots;
+                        float32, `score_dtype` unused).
 
     `score_dtype`: "float32" or "model" (see `tokenzip.signals.attention`).
     """
@@ -219,6 +221,7 @@ class LLMStageContext:
     the vision signals of sample b's item j mapped onto the item's tokens (as `PreLLMItem.signals`);
     `input_layout` the layout at the LLM input; `note(text)` records a remark in `patch.stats`.
     `sample_keys`: one int per sample derived from its prompt tokens (stable across batch compositions).
+    `final_norm(x)`: the LLM's final norm (the one before the LM head) applied to x [B, L, D].
     """
 
     layer: int
@@ -235,6 +238,7 @@ class LLMStageContext:
     input_layout: Layout | None = None
     note: Callable[[str], None] = print
     state: Any = None  # the policy's `Plan.state` for this model
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def item_targets(self) -> list[int]:
         """Per sample: the layer-averaged visual budget, the sum of `item_budget` over its items."""

@@ -8,7 +8,12 @@ import torch
 from ..contexts import LLMSignal, LLMStageContext, Selection
 from ..errors import TokenzipError, UnsupportedInputError
 from ..ops.gather import gather_seq
-from ..signals.attention import decoder_attention_received, decoder_attention_rows, decoder_head_mean_keys
+from ..signals.attention import (
+    decoder_attention_received,
+    decoder_attention_rows,
+    decoder_head_mean_keys,
+    decoder_key_l1,
+)
 from ..signals.checks import require_finite
 from . import decode
 from .accounting import policy_work
@@ -128,6 +133,7 @@ def _select(cfg, st, index, layer, hidden, prev: Layout, stage_kw: dict) -> list
         st.layout0,
         st.notes.append,
         cfg.plan.state,
+        cfg.adapter.lm.norm,
     )
     with policy_work():
         return cfg.policy.select_llm(ctx)
@@ -172,8 +178,10 @@ def capture_llm_signal(cfg: PatchConfig, st: ForwardState, sig: LLMSignal, modul
                 )
                 scores = part.new_zeros(hidden.shape[0], hidden.shape[1], hidden.shape[1])
                 scores[:, first:] = part
+            elif sig.kind == "key_l1":
+                scores = decoder_key_l1(module, hidden, kwargs["position_embeddings"])
             else:
-                raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual")
+                raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual, key_l1")
             require_finite(scores, cfg.policy.name, where, what)
         st.signals[sig.key] = scores
     st.seconds["llm_signals"] = st.seconds.get("llm_signals", 0.0) + seconds[0]

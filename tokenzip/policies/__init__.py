@@ -6,6 +6,7 @@ points (`registry.load_plugins`).
 
 from . import (  # noqa: F401  (registration side effects)
     atp,
+    dart,
     divprune,
     fastv,
     hiprune,

@@ -269,6 +269,19 @@ def decoder_head_mean_keys(
     return k.float().mean(1)
 
 
+def decoder_key_l1(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """L1 norm of each token's post-RoPE key over all KV heads of a decoder layer (heads concatenated): [B, L]
+    float32. With GQA the keys are not repeated to the query heads; repeating them multiplies every norm by the
+    same group size, so the ranking is the same."""
+    b, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    cos, sin = position_embeddings
+    k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd).transpose(1, 2)
+    return _apply_rope(k, cos, sin).float().abs().sum(dim=(1, 3))
+
+
 def _decoder_keep(attention_mask, rows: torch.Tensor, n: int, device) -> torch.Tensor:
     """Causal (by sequence index) & padding keep-mask for query `rows` over `n` keys: [B or 1, 1, R, n]."""
     causal = torch.arange(n, device=device)[None, :] <= rows[:, None]
