@@ -104,7 +104,8 @@ def _qwen2_video(processor, config, videos, fps: float) -> VideoInputs:
     return inputs
 
 
-_BUILDERS = {"qwen2_5_vl": _qwen_video, "qwen2_vl": _qwen2_video, "llava_onevision": _onevision_video}  # per video family (VIDEO_TOKEN)
+# per video family (VIDEO_TOKEN)
+_BUILDERS = {"qwen2_5_vl": _qwen_video, "qwen2_vl": _qwen2_video, "llava_onevision": _onevision_video}
 
 
 def expand_placeholders(text: str, token: str, counts: Iterator[int]) -> str:

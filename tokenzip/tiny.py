@@ -530,7 +530,8 @@ def tiny(family: str, **kw) -> TinyVLM:
     return FACTORIES[family](**kw)
 
 
-VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "qwen2_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}  # the families with video
+# the families with video
+VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "qwen2_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}
 
 
 def video_inputs(vlm: TinyVLM, frames: int = 4) -> dict:
