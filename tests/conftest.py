@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from tokenzip.tiny import TinyVLM, dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+from tokenzip.tiny import VIDEO_INPUTS, TinyVLM, dummy_image, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen2_vl")
+VIDEO_FAMILIES = tuple(f for f in FAMILIES if f in VIDEO_INPUTS)  # the families that take videos
 
 # Baseline policies exercising every stage: name -> apply() options (policy = the part before "-").
 POLICY_CASES = {
@@ -120,11 +121,10 @@ def single_inputs(vlm: TinyVLM, index: int) -> dict:
 
 
 def video_inputs(vlm: TinyVLM) -> dict:
-    if vlm.family == "llava_onevision":
-        return ov_video_inputs(vlm, frames=4)
-    if vlm.family == "qwen2_5_vl":
-        return qwen_video_inputs(vlm, frames=4, side=112)
-    raise ValueError(f"{vlm.family} has no video inputs")
+    """A 4-frame video prompt (112 px frames on the Qwen families)."""
+    if vlm.family not in VIDEO_INPUTS:
+        raise ValueError(f"{vlm.family} has no video inputs")
+    return VIDEO_INPUTS[vlm.family](vlm, frames=4)
 
 
 def multi_image_inputs(vlm: TinyVLM) -> dict:

@@ -65,11 +65,32 @@ def evaluate(model, limit: int, batch_size: int = 1) -> dict:
 def test_entry_points_resolve_to_the_model_classes():
     from lmms_eval.models import get_model
 
-    from tokenzip.evaluation.lmms_model import TokenzipLlava, TokenzipLlavaOnevision, TokenzipQwen2_5_VL
+    from tokenzip.adapters import ADAPTERS
+    from tokenzip.evaluation.lmms_model import CLASSES, MODEL_NAMES
 
-    assert get_model("tokenzip_llava_hf") is TokenzipLlava
-    assert get_model("tokenzip_qwen2_5_vl") is TokenzipQwen2_5_VL
-    assert get_model("tokenzip_llava_onevision") is TokenzipLlavaOnevision
+    assert set(CLASSES) == set(MODEL_NAMES) == {a.family for a in ADAPTERS}  # every family has its model name
+    for family, name in MODEL_NAMES.items():
+        assert get_model(name) is CLASSES[family]
+
+
+def test_a_family_without_a_synthetic_bundle_runs_batched_like_batch_of_one(tmp_path):
+    """Qwen2-VL (no synthetic architecture of its own): the tiny model saved with its processor, loaded by its
+    lmms-eval model name, scores a batch of 3 exactly like 3 batches of one, with the budget met."""
+    from tokenzip.evaluation.lmms_model import CLASSES
+    from tokenzip.tiny import tiny
+
+    vlm = tiny("qwen2_vl")
+    vlm.model.save_pretrained(tmp_path)
+    vlm.processor.save_pretrained(tmp_path)
+    runs = {}
+    for batch_size in (1, 3):
+        model = CLASSES["qwen2_vl"](pretrained=str(tmp_path), policy="hiprune", keep=0.25, batch_size=batch_size)
+        evaluate(model, limit=3, batch_size=batch_size)
+        runs[batch_size] = {r["uid"]: r for r in model.sample_stats}
+    assert runs[1].keys() == runs[3].keys() and len(runs[1]) == 3
+    assert [runs[1][u]["answer"] for u in runs[1]] == [runs[3][u]["answer"] for u in runs[1]]
+    for row in runs[1].values():
+        assert row["visual_layer_mean"] == pytest.approx(0.25 * row["visual_in"], abs=1.0)
 
 
 def test_unpatched_scores_equal_direct_generation(checkpoint):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import oracle_truth
+from conftest import FAMILIES, oracle_truth
 
 import tokenzip
 from tokenzip.budget import item_budget
@@ -199,7 +199,7 @@ def test_readme_30_second_example_runs_as_written():
     assert printed[2:] == shown[2:]  # the table: tokens, budget, FLOPs, ratio
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
 def test_other_families_price_the_unpruned_prompt_as_none_runs_it(family):
     """Qwen2.5-VL (windowed tower, merger) and OneVision (anyres tiles, newlines): the unpruned FLOPs of a pruned
     run are those measured with policy none, and the budget counts grid tokens only."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import VIDEO_FAMILIES
 from PIL import Image
 from typer.testing import CliRunner
 
 import tokenzip
 from tokenzip.cli import app
-from tokenzip.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
+from tokenzip.tiny import dummy_image, tiny, video_inputs
 from tokenzip.viz import (
     GAP,
     KEPT,
@@ -135,16 +136,17 @@ def test_anyres_image_draws_the_base_grid_then_the_tiles():
     _check_panels(picture, grid, state)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_video_is_a_strip_of_frames(family):
     vlm = tiny(family)
-    inputs = qwen_video_inputs(vlm, frames=4) if family == "qwen2_5_vl" else ov_video_inputs(vlm, frames=4)
+    inputs = video_inputs(vlm, frames=4)
+    qwen = "qwen2" in family  # Qwen2-VL / Qwen2.5-VL: 2 frames per temporal patch
     item = _record(vlm, inputs, "random", 0.25)
     frames = [dummy_image(96, 96, seed=s) for s in range(4)]
     grid = panels(vlm.model, item, frames)
     part = item.shape.parts[0]
-    assert len(grid) == part.frames == (2 if family == "qwen2_5_vl" else 4)  # Qwen: 2 frames per temporal patch
-    if family == "qwen2_5_vl":  # temporal patch t shows frame 2t
+    assert len(grid) == part.frames == (2 if qwen else 4)
+    if qwen:  # temporal patch t shows frame 2t
         assert list(grid[1].image.getdata())[:5] == list(frames[2].resize(grid[1].image.size, 3).getdata())[:5]
     picture = draw_item(vlm.model, item, frames, dim=1.0)
     state, _ = cell_states(item, item.kept_indices)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, get_tiny, image_inputs, single_inputs, video_inputs
+from conftest import FAMILIES, VIDEO_FAMILIES, get_tiny, image_inputs, single_inputs, video_inputs
 
 import tokenzip
 from tokenzip.budget import item_budget
@@ -90,7 +90,7 @@ def test_the_example_runs_on_every_family_with_batches_and_the_cache(saliency, f
         assert sample.on_budget
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_the_example_runs_on_video(saliency, family):
     vlm = get_tiny(family, "sdpa")
     inputs = video_inputs(vlm)

@@ -4,7 +4,7 @@
 device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and the FLOP-counter checks use;
 `--random-weights` benchmarks instantiate it for real (optionally with fewer layers).
 
-Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct,
+Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct, Qwen/Qwen2-VL-{2B,7B}-Instruct,
 llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf. Only what shapes compute is reproduced (no token ids beyond the
 placeholders, no generation settings).
 """
@@ -47,6 +47,16 @@ QWEN25_VISION = dict(
     fullatt_block_indexes=[7, 15, 23, 31],
     tokens_per_second=2,
     hidden_act="silu",
+)
+QWEN2_VISION = dict(  # Qwen2-VL's tower (the same in 2B and 7B but for the merger's output width, `hidden_size`)
+    depth=32,
+    embed_dim=1280,
+    mlp_ratio=4,
+    num_heads=16,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    hidden_act="quick_gelu",
 )
 
 BUILTIN: dict[str, dict[str, Any]] = {
@@ -108,6 +118,39 @@ BUILTIN: dict[str, dict[str, Any]] = {
             num_attention_heads=28,
             num_key_value_heads=4,
             max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        top=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652),
+    ),
+    "qwen2-vl-2b": dict(
+        family="qwen2_vl",
+        vision={**QWEN2_VISION, "hidden_size": 1536},
+        text=dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        top=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652),
+    ),
+    "qwen2-vl-7b": dict(
+        family="qwen2_vl",
+        vision={**QWEN2_VISION, "hidden_size": 3584},
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
         ),

@@ -74,10 +74,17 @@ class VisionDims:
     window_size: int = 0
     full_attention: tuple[int, ...] = ()
     out_hidden: int = 0
+    gated_mlp: bool = True  # Qwen2.5-VL's SwiGLU blocks; Qwen2-VL's are fc1 -> GELU -> fc2
 
     @classmethod
     def from_config(cls, config) -> VisionDims:
         v = config.vision_config
+        if hasattr(v, "embed_dim"):  # Qwen2-VL: every block attends over a whole image / temporal slice
+            return cls(
+                "qwen", v.embed_dim, v.embed_dim * v.mlp_ratio, v.depth, v.patch_size,
+                temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size,
+                full_attention=tuple(range(v.depth)), out_hidden=v.hidden_size, gated_mlp=False,
+            )  # fmt: skip
         if hasattr(v, "depth"):  # Qwen2.5-VL
             return cls(
                 "qwen", v.hidden_size, v.intermediate_size, v.depth, v.patch_size,
@@ -105,16 +112,19 @@ class VisionDims:
         return embed + sum(self.vit_layer(rows, w) for w in widths)
 
     def qwen_tower(self, grids: list[tuple[int, int, int]]) -> int:
-        """Patch embedding, blocks (windowed / full attention) and merger for Qwen2.5-VL items (t, h, w)."""
+        """Patch embedding, blocks (windowed / full attention) and merger for Qwen2.5-VL / Qwen2-VL items (t, h, w)."""
         from transformers.vision_utils import get_vision_window_index
 
         d, f = self.hidden, self.mlp
         n = sum(t * h * w for t, h, w in grids)
         total = 2 * n * d * 3 * self.temporal_patch * self.patch**2
-        dense = 2 * n * d * 3 * d + 2 * n * d * d + 6 * n * d * f  # qkv, proj, gated MLP
-        _, cu_window = get_vision_window_index(torch.tensor(grids), self.merge, self.window_size, self.patch)
-        windows = (cu_window[1:] - cu_window[:-1]).tolist()
+        mlp = (6 if self.gated_mlp else 4) * n * d * f  # gate + up + down, or fc1 + fc2
+        dense = 2 * n * d * 3 * d + 2 * n * d * d + mlp  # qkv, proj, MLP
         slices = [h * w for t, h, w in grids for _ in range(t)]
+        windows = slices
+        if self.window_size:
+            _, cu_window = get_vision_window_index(torch.tensor(grids), self.merge, self.window_size, self.patch)
+            windows = (cu_window[1:] - cu_window[:-1]).tolist()
         for layer in range(self.layers):
             segments = slices if layer in self.full_attention else windows
             total += dense + sum(4 * s * s * d for s in segments)

@@ -5,7 +5,7 @@ A video is a list of PIL frames. For each family this module produces what the m
 * Qwen2.5-VL: every frame goes through the model's own image processor (same resize, rescale and normalisation);
   consecutive frame pairs then fill the two temporal slots of each patch, giving `pixel_values_videos`
   [sum(t*h*w), C*2*14*14], `video_grid_thw` [V, 3] (t = frames / 2, an odd last frame is repeated, as Qwen's
-  processor does) and `second_per_grid_ts` [V] (2 / fps).
+  processor does) and `second_per_grid_ts` [V] (2 / fps). Qwen2-VL: the same without `second_per_grid_ts`.
 * LLaVA-OneVision: frames resized (bicubic) to the tower's square input and normalised with the image processor's
   mean / std, giving `pixel_values_videos` [V, F, C, S, S]. Videos of one batch must have the same frame count
   (the model stacks them).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "llava_onevision": "<video>"}
+VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen2_vl": "<|video_pad|>", "llava_onevision": "<video>"}
 
 
 @dataclass
@@ -97,7 +97,15 @@ def _onevision_video(processor, config, videos, fps: float) -> VideoInputs:
     return VideoInputs({"pixel_values_videos": torch.from_numpy(stacked)}, tokens)
 
 
-_BUILDERS = {"qwen2_5_vl": _qwen_video, "llava_onevision": _onevision_video}  # per video family (VIDEO_TOKEN)
+def _qwen2_video(processor, config, videos, fps: float) -> VideoInputs:
+    """Qwen2-VL: the Qwen2.5-VL layout without `second_per_grid_ts` (its M-RoPE has no time scaling)."""
+    inputs = _qwen_video(processor, config, videos, fps)
+    inputs.tensors.pop("second_per_grid_ts")
+    return inputs
+
+
+# per video family (VIDEO_TOKEN)
+_BUILDERS = {"qwen2_5_vl": _qwen_video, "qwen2_vl": _qwen2_video, "llava_onevision": _onevision_video}
 
 
 def expand_placeholders(text: str, token: str, counts: Iterator[int]) -> str:

@@ -14,14 +14,10 @@ from typing import Any
 import torch
 
 from . import assets
-from .adapters import adapter_class
+from .adapters import ADAPTERS, adapter_class
 from .errors import UnsupportedModelError
 
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-}
+MODEL_CLASSES = {a.family: a.model_classes[0] for a in ADAPTERS}  # a family's name is its config's `model_type`
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,7 +27,7 @@ def resolve(pretrained: str | Path) -> str:
 
 
 def model_family(pretrained: str | Path) -> str:
-    """'llava', 'qwen2_5_vl' or 'llava_onevision' from the checkpoint's config."""
+    """The family ('llava', 'qwen2_5_vl', 'qwen2_vl', 'llava_onevision', ...) from the checkpoint's config."""
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(resolve(pretrained)).model_type

@@ -21,6 +21,17 @@ def qwen_image_only_processor_cls():
     return Qwen2_5_VLImageOnlyProcessor
 
 
+def qwen2_vl_image_only_processor_cls():
+    """`Qwen2VLProcessor` without a video processor (see `qwen_image_only_processor_cls`)."""
+    from transformers import Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return Qwen2VLImageOnlyProcessor
+
+
 def ov_image_only_processor_cls():
     """`LlavaOnevisionProcessor` without a video processor (see `qwen_image_only_processor_cls`)."""
     from transformers import LlavaOnevisionProcessor

@@ -33,10 +33,18 @@ def cached_greedy(model, inputs: dict, steps: int) -> tuple[torch.Tensor, torch.
     return out.sequences[:, prompt_len:], torch.stack(out.logits, 1)
 
 
+def _eos(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
 def greedy_tokens(model, logits: torch.Tensor) -> torch.Tensor:
-    """argmax of `logits` [..., V] with the placeholder ids suppressed (as `cached_greedy` generates)."""
+    """argmax of `logits` [..., V] with the placeholder ids suppressed and, as `min_new_tokens` does in
+    `cached_greedy`, the end-of-sequence ids too (every step of it is before its minimum length)."""
     masked = logits.clone()
-    masked[..., _suppress(model)] = float("-inf")
+    masked[..., _suppress(model) + _eos(model)] = float("-inf")
     return masked.argmax(-1)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .processors import ov_image_only_processor_cls, qwen_image_only_processor_cls
+from .processors import ov_image_only_processor_cls, qwen2_vl_image_only_processor_cls, qwen_image_only_processor_cls
 
 WORDS = [
     "USER:",
@@ -317,10 +317,72 @@ def tiny_qwen25vl(
     return TinyVLM(model, proc, "qwen2_5_vl")
 
 
+def tiny_qwen2vl(
+    attn: str = "sdpa",
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_side: int = 224,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
+) -> TinyVLM:
+    """Tiny `Qwen2VLForConditionalGeneration`: full-attention vision blocks, 2x2 merger, M-RoPE LLM (arguments as
+    in `tiny_qwen25vl`)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tok = tokenizer(QWEN_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text_config = _with(
+        text_overrides,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_config = _with(
+        vision_overrides,
+        depth=vision_layers,
+        embed_dim=32,
+        hidden_size=64,
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    cfg = Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": max_side * max_side},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    proc = qwen2_vl_image_only_processor_cls()(image_processor=improc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    return TinyVLM(model, proc, "qwen2_vl")
+
+
 def qwen_video_inputs(
     vlm: TinyVLM, frames: int = 4, side: int = 112, text: str = "Describe this video ?", seed: int = 0
 ) -> dict:
-    """Hand-built Qwen2.5-VL video inputs (the video processor needs torchvision).
+    """Hand-built Qwen2.5-VL / Qwen2-VL video inputs (the video processor needs torchvision).
 
     `frames` raw frames become `frames // 2` temporal patches; each has (side/14)^2 patches and (side/28)^2 LLM
     tokens.
@@ -335,14 +397,16 @@ def qwen_video_inputs(
     enc = vlm.processor.tokenizer(prompt, return_tensors="pt")
     video_id = vlm.model.config.video_token_id
     mm_type = (enc.input_ids == video_id).long() * 2
-    return dict(
+    inputs = dict(
         input_ids=enc.input_ids,
         attention_mask=enc.attention_mask,
         pixel_values_videos=flat,
         video_grid_thw=torch.tensor([[t, h, w]]),
-        second_per_grid_ts=torch.tensor([1.0]),
         mm_token_type_ids=mm_type,
     )
+    if hasattr(cfg, "tokens_per_second"):  # Qwen2.5-VL scales video time; Qwen2-VL takes no such input
+        inputs["second_per_grid_ts"] = torch.tensor([1.0])
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------ LLaVA-OneVision
@@ -451,17 +515,23 @@ def ov_video_inputs(vlm: TinyVLM, frames: int = 4, text: str = "Describe this vi
     return dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values_videos=pixel_values_videos)
 
 
-FACTORIES = {"llava": tiny_llava, "qwen2_5_vl": tiny_qwen25vl, "llava_onevision": tiny_llava_ov}
+FACTORIES = {
+    "llava": tiny_llava,
+    "qwen2_5_vl": tiny_qwen25vl,
+    "llava_onevision": tiny_llava_ov,
+    "qwen2_vl": tiny_qwen2vl,
+}
 
 
 def tiny(family: str, **kw) -> TinyVLM:
-    """Build the tiny model of `family` ('llava', 'qwen2_5_vl' or 'llava_onevision')."""
+    """Build the tiny model of `family` ('llava', 'qwen2_5_vl', 'llava_onevision' or 'qwen2_vl')."""
     if family not in FACTORIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(FACTORIES)}")
     return FACTORIES[family](**kw)
 
 
-VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}  # the families with video
+# the families with video
+VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "qwen2_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}
 
 
 def video_inputs(vlm: TinyVLM, frames: int = 4) -> dict:

@@ -9,12 +9,13 @@ from .base import Adapter, ModelInfo
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
+from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
 
 
 def adapter_class(family: str) -> type[Adapter]:
-    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision')."""
+    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl')."""
     for adapter in ADAPTERS:
         if adapter.family == family:
             return adapter

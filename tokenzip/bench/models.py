@@ -2,7 +2,7 @@
 
 Three sources:
 
-* ``tiny-llava`` / ``tiny-qwen2_5_vl`` / ``tiny-llava_onevision``: the in-memory tiny models of
+* ``tiny-llava`` / ``tiny-qwen2_5_vl`` / ``tiny-llava_onevision`` / ``tiny-qwen2_vl``: the in-memory tiny models of
   `tokenzip.tiny` with their offline processors (the default; nothing is downloaded);
 * a built-in real config with random weights (``random_weights=True``, e.g. ``llava-onevision-qwen2-0.5b``),
   optionally with fewer LLM / vision layers: real shapes, so timings mean something without a download;
@@ -21,10 +21,12 @@ import torch
 
 from ..configs import BUILTIN, build_config, builtin_names, model_class
 from ..errors import TokenzipError
+from ..loading import MODEL_CLASSES
+from ..tiny import FACTORIES
 from .inputs import replicate, synthetic_inputs
 
-TINY = {"tiny-llava": "llava", "tiny-qwen2_5_vl": "qwen2_5_vl", "tiny-llava_onevision": "llava_onevision"}
-FAMILY_OF_MODEL_TYPE = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl", "llava_onevision": "llava_onevision"}
+TINY = {f"tiny-{family}": family for family in FACTORIES}
+FAMILY_OF_MODEL_TYPE = {family: family for family in MODEL_CLASSES}  # a family's name is its config's `model_type`
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 

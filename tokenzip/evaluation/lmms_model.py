@@ -319,9 +319,19 @@ class TokenzipLlavaOnevision(TokenzipLMMS):
     family = "llava_onevision"
 
 
-CLASSES = {"llava": TokenzipLlava, "qwen2_5_vl": TokenzipQwen2_5_VL, "llava_onevision": TokenzipLlavaOnevision}
+class TokenzipQwen2VL(TokenzipLMMS):
+    family = "qwen2_vl"
+
+
+CLASSES = {
+    "llava": TokenzipLlava,
+    "qwen2_5_vl": TokenzipQwen2_5_VL,
+    "llava_onevision": TokenzipLlavaOnevision,
+    "qwen2_vl": TokenzipQwen2VL,
+}
 MODEL_NAMES = {
     "llava": "tokenzip_llava_hf",
     "qwen2_5_vl": "tokenzip_qwen2_5_vl",
     "llava_onevision": "tokenzip_llava_onevision",
+    "qwen2_vl": "tokenzip_qwen2_vl",
 }

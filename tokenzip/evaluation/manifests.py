@@ -11,4 +11,7 @@ QWEN2_5_VL = ModelManifest(
 LLAVA_ONEVISION = ModelManifest(
     model_id="tokenzip_llava_onevision", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipLlavaOnevision"
 )
-MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION)
+QWEN2_VL = ModelManifest(
+    model_id="tokenzip_qwen2_vl", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipQwen2VL"
+)
+MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL)

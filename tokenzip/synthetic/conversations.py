@@ -14,7 +14,12 @@ import torch
 from .questions import NUMBER_WORDS, Question
 from .scenes import COLORS, SHAPES, Scene
 
-ASSISTANT_MARKER = {"llava": "ASSISTANT:", "qwen2_5_vl": "assistant", "llava_onevision": "assistant"}
+ASSISTANT_MARKER = {
+    "llava": "ASSISTANT:",
+    "qwen2_5_vl": "assistant",
+    "qwen2_vl": "assistant",
+    "llava_onevision": "assistant",
+}
 
 
 def extra_questions(rng: random.Random, scene: Scene) -> list[Question]:
