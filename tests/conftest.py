@@ -29,6 +29,7 @@ POLICY_CASES = {
     "holitom": {},
     "dart": {},
     "divprune": {},
+    "pdrop": {},
 }
 
 

@@ -102,6 +102,7 @@ IN_LLM = {
     "mustdrop": {},
     "visiondrop": {},
     "holitom": {},
+    "pdrop": {},
 }
 
 

@@ -14,8 +14,8 @@ from tokenzip.policies.base import Bool, Choice, Float, Int, Option, Policy, Tup
 from tokenzip.policies.registry import get_policy_class, register
 
 POLICIES = (
-    "atp", "dart", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random",
-    "visiondrop",
+    "atp", "dart", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle",
+    "pdrop", "pool", "random", "visiondrop",
 )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration side effects)
     mustdrop,
     none,
     oracle,
+    pdrop,
     pool,
     random,
     visiondrop,
