@@ -30,6 +30,7 @@ POLICY_CASES = {
     "dart": {},
     "divprune": {},
     "pdrop": {},
+    "visionzip": {},
 }
 
 

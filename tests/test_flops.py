@@ -51,17 +51,9 @@ def test_model_flops_equal_the_formula(family, kind, case):
 
 # policy FLOPs > 0
 SCORING = (
-    "fastv",
-    "hiprune",
-    "holov",
-    "visiondrop",
-    "mustdrop",
-    "atp",
-    "holitom",
-    "divprune",
-    "dart",
-    "pdrop",
-)
+    "fastv", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom", "divprune", "dart", "pdrop",
+    "visionzip",
+)  # fmt: skip
 
 
 def test_unpatched_flops_equal_the_formula_with_eager_too():

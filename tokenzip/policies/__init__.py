@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registration side effects)
     pool,
     random,
     visiondrop,
+    visionzip,
 )
 from .base import Bool, Choice, Float, Int, Option, Policy, Tuple
 from .registry import get_policy_class, list_policies, register

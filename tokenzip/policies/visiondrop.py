@@ -47,58 +47,9 @@ from ..errors import PolicyOptionError
 from ..ops.grad import differentiable_values
 from ..ops.topk import topk_stable
 from .base import Choice, Float, Int, Policy, Tuple
+from .contextual import dominant_contextual_item, dominant_contextual_rows, merge_contextual
 from .nominal import Nominal, staged
 from .registry import register
-
-
-def merge_contextual(
-    values: torch.Tensor, metric: torch.Tensor, dominant: torch.Tensor, contextual: int, with_groups: bool = False
-) -> tuple[torch.Tensor, ...]:
-    """Dominant tokens in order, then up to `contextual` merged tokens.
-
-    values: [n, D]; metric: [n, dk] (similarity features); dominant: LongTensor of indices in [0, n).
-    The remaining R tokens (original order) give targets rest[0], rest[step], ... (step = max(1, R // c), the
-    first c); every other remaining token joins the target of highest cosine similarity (ties -> the first
-    target); a contextual token's value is its target's value plus the mean of its members (target alone if
-    it has none). Returns (representative indices [d + c'] = sorted dominant then targets, values [d + c', D]),
-    plus with `with_groups` the merges [2, m]: (merged index, its target's index) for every joined token.
-    The output values are differentiable in `values` (autograd re-enabled inside a policy call); indices and
-    assignments come from `metric` without gradient.
-    """
-    with differentiable_values():
-        return _merge_contextual(values, metric.detach(), dominant, contextual, with_groups)
-
-
-def _merge_contextual(
-    values: torch.Tensor, metric: torch.Tensor, dominant: torch.Tensor, contextual: int, with_groups: bool
-) -> tuple[torch.Tensor, ...]:
-    n = values.shape[0]
-    dominant = torch.sort(dominant.to(values.device)).values
-    is_dom = torch.zeros(n, dtype=torch.bool, device=values.device)
-    is_dom[dominant] = True
-    rest = (~is_dom).nonzero().flatten()
-    none = torch.zeros(2, 0, dtype=torch.long, device=values.device)
-    if contextual <= 0 or rest.numel() == 0:
-        return (dominant, values[dominant], none) if with_groups else (dominant, values[dominant])
-    step = max(1, rest.numel() // contextual)
-    targets = rest[::step][:contextual]
-    is_target = torch.zeros(n, dtype=torch.bool, device=values.device)
-    is_target[targets] = True
-    others = rest[~is_target[rest]]
-    work = torch.promote_types(values.dtype, torch.float32)  # half precision is merged in float32
-    merged = values[targets].to(work).clone()
-    groups = none
-    if others.numel():
-        met = metric.to(torch.promote_types(metric.dtype, torch.float32))
-        unit = met / met.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        assign = (unit[others] @ unit[targets].T).argmax(1)  # first maximum = lowest target index
-        sums = torch.zeros_like(merged).index_add_(0, assign, values[others].to(work))
-        counts = torch.bincount(assign, minlength=targets.numel()).to(work)
-        merged += torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], 0.0)
-        groups = torch.stack([others, targets[assign]])
-    reps = torch.cat([dominant, targets])
-    out = torch.cat([values[dominant].to(work), merged]).to(values.dtype)
-    return (reps, out, groups) if with_groups else (reps, out)
 
 
 def stage_split(count: int, ctx_div: int = 8) -> tuple[int, int]:
@@ -245,41 +196,19 @@ class VisionDropPolicy(Policy):
         state: VisionDropState = ctx.state
         include_cls = state.cls_in_stage1
         n_patches = ctx.n_patches
-        out = []
-        for r in range(ctx.hidden.shape[0]):
-            scores = ctx.signals[state.score.key][r]  # CLS row over [CLS, patches]
-            metric = ctx.signals[state.metric.key][r]
-            count = self._counts(state, ctx.keep, n_patches, n_patches + int(include_cls), False)[0]
-            dom_count, ctx_count = stage_split(count, self.ctx_div)
-            if include_cls:
-                top = topk_stable(scores[1:], dom_count - 1) + 1
-                dominant = torch.cat([torch.zeros(1, dtype=torch.long, device=top.device), top])
-                reps, values, groups = merge_contextual(ctx.hidden[r], metric, dominant, ctx_count, True)
-            else:
-                dominant = topk_stable(scores[1:], dom_count)
-                reps, values, groups = merge_contextual(ctx.hidden[r, 1:], metric[1:], dominant, ctx_count, True)
-                reps, groups = reps + 1, groups + 1
-            out.append(Selection(reps, values, ordered=True, groups=groups))
-        return out
+        count = self._counts(state, ctx.keep, n_patches, n_patches + int(include_cls), False)[0]
+        dom_count, ctx_count = stage_split(count, self.ctx_div)
+        return dominant_contextual_rows(ctx, state.score.key, state.metric.key, dom_count, ctx_count, include_cls)
 
     # ---------------------------------------------------------------------------------- stage 1, others
     @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
     def select_pre_llm(self, ctx: PreLLMItem) -> Selection:
         state: VisionDropState = ctx.state
         shape = ctx.item.shape
-        content = ctx.content_available
         video = ctx.item.modality == "video"
-        count = self._counts(state, ctx.keep, shape.n_content, content.numel(), video)[0]
+        count = self._counts(state, ctx.keep, shape.n_content, ctx.content_available.numel(), video)[0]
         dom_count, ctx_count = stage_split(count, self.ctx_div)
-        dev = ctx.embeds.device
-        scores = ctx.signals[state.score.key][content.to(dev)]
-        metric = ctx.signals[state.metric.key][content.to(dev)]
-        dominant = topk_stable(scores, dom_count)
-        reps, values, groups = merge_contextual(ctx.embeds[content.to(dev)], metric, dominant, ctx_count, True)
-        keep = content.to(dev)[reps]
-        tail = torch.arange(shape.length - shape.trailing, shape.length, device=dev)  # a video's newline
-        merges = content.to(dev)[groups]
-        return Selection(torch.cat([keep, tail]), torch.cat([values, ctx.embeds[tail]]), ordered=True, groups=merges)
+        return dominant_contextual_item(ctx, state.score.key, state.metric.key, dom_count, ctx_count)
 
     # ---------------------------------------------------------------------------------- LLM stages
     @differentiable_values()  # merged values keep their autograd graph; selection inputs carry none
