@@ -17,15 +17,16 @@ LIMIT="${LIMIT:-}"                              # lmms-eval --limit (samples per
 OUT="${OUT:-results${LIMIT:+-limit$LIMIT}}"     # smoke runs go to their own folder, never mixed with full ones
 DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
-MODELS="${MODELS:-llava-1.5-7b qwen2.5-vl-7b llava-onevision-7b}"
+MODELS="${MODELS:-llava-1.5-7b qwen2.5-vl-7b llava-onevision-7b qwen2-vl-7b}"
 KEEPS="${KEEPS:-0.111 0.222 0.333}"
-IMAGE_POLICIES="${IMAGE_POLICIES:-hiprune holov visiondrop mustdrop atp holitom fastv pool random}"
+IMAGE_POLICIES="${IMAGE_POLICIES:-hiprune holov visiondrop mustdrop atp holitom fastv pool random visionzip divprune pdrop dart}"
 VIDEO_POLICIES="${VIDEO_POLICIES:-holitom fastv pool random}"
 IMAGE_TASKS="${IMAGE_TASKS:-gqa mmbench_en_dev mme pope scienceqa_img textvqa_val}"
 VIDEO_TASKS="${VIDEO_TASKS:-videomme mvbench}"
 # 1 = also the papers' own settings: HoloV with compat=official on Qwen2.5-VL (its Table 6 ran the official code),
 # HoliTom's rho presets 0.10/0.15/0.20/0.25 on OneVision videos, with the inner merge (keep = 0.821 rho, rho set
-# explicitly) and without it ("w/o M": inner=False, keep = rho), as in HoliTom's table.
+# explicitly) and without it ("w/o M": inner=False, keep = rho), as in HoliTom's table; DART's 64/128/192 settings
+# on LLaVA-1.5-7B (4 + 8T tokens from layer 2 = layer averages of 100/160/220 tokens).
 PAPER_SETTINGS="${PAPER_SETTINGS:-1}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"                    # key=value[,key=value] appended to every --model_args
 VIDEO_ARGS="${VIDEO_ARGS:-}"                    # appended for video tasks only
@@ -41,8 +42,9 @@ model_info() {
     case "$1" in
         llava-1.5-7b)       echo "tokenzip_llava_hf|llava-hf/llava-1.5-7b-hf|0" ;;
         qwen2.5-vl-7b)      echo "tokenzip_qwen2_5_vl|Qwen/Qwen2.5-VL-7B-Instruct|1" ;;
+        qwen2-vl-7b)        echo "tokenzip_qwen2_vl|Qwen/Qwen2-VL-7B-Instruct|1" ;;
         llava-onevision-7b) echo "tokenzip_llava_onevision|llava-hf/llava-onevision-qwen2-7b-ov-hf|1" ;;
-        *) echo "unknown model '$1' (llava-1.5-7b, qwen2.5-vl-7b, llava-onevision-7b)" >&2; return 1 ;;
+        *) echo "unknown model '$1' (llava-1.5-7b, qwen2.5-vl-7b, llava-onevision-7b, qwen2-vl-7b)" >&2; return 1 ;;
     esac
 }
 
@@ -104,6 +106,12 @@ for short in $MODELS; do
         run_one "$short" none "$task" "policy=none"
         for policy in $policies; do
             for keep in $KEEPS; do
+                # PyramidDrop's official stages (L/4, L/2, 3L/4) keep every token for the first quarter of the
+                # layers: a layer average below about a quarter is refused (BudgetError), so it is not planned.
+                if [[ "$policy" == pdrop ]] && awk "BEGIN { exit !($keep < 0.26 && $keep <= 1) }"; then
+                    echo "skip (below PyramidDrop's floor with its official layers): $short pdrop $keep" >&2
+                    continue
+                fi
                 run_one "$short" "$policy-$keep" "$task" "policy=$policy,keep=$keep"
             done
         done
@@ -111,6 +119,11 @@ for short in $MODELS; do
             if [[ "$short" == qwen2.5-vl-7b && " $IMAGE_TASKS " == *" $task "* ]]; then
                 for keep in $KEEPS; do
                     run_one "$short" "holov-official-$keep" "$task" "policy=holov,keep=$keep,compat=official"
+                done
+            fi
+            if [[ "$short" == llava-1.5-7b ]]; then
+                for keep in 100 160 220; do
+                    run_one "$short" "dart-official-$keep" "$task" "policy=dart,keep=$keep"
                 done
             fi
             if [[ "$short" == llava-onevision-7b && " $VIDEO_TASKS " == *" $task "* ]]; then
