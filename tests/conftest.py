@@ -27,6 +27,7 @@ POLICY_CASES = {
     "atp": {},
     "holitom": {},
     "divprune": {},
+    "sparsevlm": {},
 }
 
 

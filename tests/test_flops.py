@@ -49,7 +49,9 @@ def test_model_flops_equal_the_formula(family, kind, case):
     assert (measured.overhead > 0) == scoring  # recomputed attention is counted, and apart
 
 
-SCORING = ("fastv", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom", "divprune")  # policy FLOPs > 0
+SCORING = (  # policy FLOPs > 0
+    "fastv", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom", "divprune", "sparsevlm",
+)  # fmt: skip
 
 
 def test_unpatched_flops_equal_the_formula_with_eager_too():

@@ -15,7 +15,7 @@ from tokenzip.policies.registry import get_policy_class, register
 
 POLICIES = (
     "atp", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle", "pool", "random",
-    "visiondrop",
+    "sparsevlm", "visiondrop",
 )  # fmt: skip
 
 

@@ -76,7 +76,9 @@ class LLMSignal:
 
     'last_row':         [B, L] head-mean attention of each sample's last token over all slots (FastV);
     'rows_from_visual': [B, L, L] head-mean attention of every query row from the batch's first visual slot on
-                        (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows).
+                        (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows);
+    'hidden':           [B, L, D] the hidden states entering decoder layer `layer` (before its input norm; at layer
+                        0 the LLM input embeddings, SparseVLM's raters), in the layout that layer runs on.
 
     `score_dtype`: "float32" or "model" (see `tokenzip.signals.attention`).
     """

@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (registration side effects)
     oracle,
     pool,
     random,
+    sparsevlm,
     visiondrop,
 )
 from .base import Bool, Choice, Float, Int, Option, Policy, Tuple
