@@ -31,6 +31,7 @@ POLICY_CASES = {
     "divprune": {},
     "pdrop": {},
     "visionzip": {},
+    "sparsevlm": {},
 }
 
 

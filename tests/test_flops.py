@@ -52,7 +52,7 @@ def test_model_flops_equal_the_formula(family, kind, case):
 # policy FLOPs > 0
 SCORING = (
     "fastv", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom", "divprune", "dart", "pdrop",
-    "visionzip",
+    "visionzip", "sparsevlm",
 )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from tokenzip.policies.registry import get_policy_class, register
 
 POLICIES = (
     "atp", "dart", "divprune", "fastv", "hiprune", "holitom", "holov", "mustdrop", "none", "oracle",
-    "pdrop", "pool", "random", "visiondrop", "visionzip",
+    "pdrop", "pool", "random", "sparsevlm", "visiondrop", "visionzip",
 )  # fmt: skip
 
 

@@ -79,6 +79,8 @@ class LLMSignal:
                         (earlier rows are 0), computed in row chunks (MustDrop's text rows, ATP's rows).
     'key_l1':           [B, L] L1 norm of each slot's post-RoPE key, all KV heads concatenated (DART's pivots;
                         float32, `score_dtype` unused).
+    'hidden':           [B, L, D] the hidden states entering decoder layer `layer` (before its input norm; at layer
+                        0 the LLM input embeddings, SparseVLM's raters), in the layout that layer runs on.
 
     `score_dtype`: "float32" or "model" (see `tokenzip.signals.attention`).
     """

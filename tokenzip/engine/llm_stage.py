@@ -152,9 +152,13 @@ def replayed_selection(
     return Selection(slots[match.float().argmax(1)], values, ordered)
 
 
-def capture_llm_signal(cfg: PatchConfig, st: ForwardState, sig: LLMSignal, module, kwargs: dict) -> None:
-    """Forward hook of decoder attention `module` in prefill: LLM signal `sig` from its own q/k into `st.signals`."""
-    hidden = kwargs["hidden_states"]
+def capture_llm_signal(cfg: PatchConfig, st: ForwardState, sig: LLMSignal, module, kwargs: dict, args=()) -> None:
+    """Forward hook of decoder attention `module` in prefill: LLM signal `sig` from its own q/k into `st.signals`
+    (kind 'hidden': pre-hook of the decoder layer `module`, its input kept as is)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if sig.kind == "hidden":
+        st.signals[sig.key] = hidden.detach()
+        return
     where, what = f"decoder layer {sig.layer}", f"LLM signal {sig.kind!r}"
     with stopwatch(hidden.device) as seconds:
         real = hidden[st.current.valid.to(hidden.device)]  # [n, D] the real tokens
@@ -181,7 +185,8 @@ def capture_llm_signal(cfg: PatchConfig, st: ForwardState, sig: LLMSignal, modul
             elif sig.kind == "key_l1":
                 scores = decoder_key_l1(module, hidden, kwargs["position_embeddings"])
             else:
-                raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: last_row, rows_from_visual, key_l1")
+                known = "last_row, rows_from_visual, key_l1, hidden"
+                raise TokenzipError(f"unknown LLM signal {sig.kind!r}; known: {known}")
             require_finite(scores, cfg.policy.name, where, what)
         st.signals[sig.key] = scores
     st.seconds["llm_signals"] = st.seconds.get("llm_signals", 0.0) + seconds[0]

@@ -78,8 +78,11 @@ class Runtime:
             for i, layer in enumerate(adapter.lm_layers):
                 self.handles.append(layer.register_forward_pre_hook(Hook(self, "_layer_hook", i), with_kwargs=True))
         for sig in plan.llm_signals:
-            hook = Hook(self, "_llm_signal_hook", sig)
-            self.handles.append(adapter.lm_layers[sig.layer].self_attn.register_forward_hook(hook, with_kwargs=True))
+            hook, layer = Hook(self, "_llm_signal_hook", sig), adapter.lm_layers[sig.layer]
+            if sig.kind == "hidden":  # the decoder layer's own input (before its input norm)
+                self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                self.handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
         for sig in plan.vision_signals:
             hook = Hook(self, "_vision_signal_hook", sig)
             self.handles.append(adapter.vision_attention(sig.layer).register_forward_pre_hook(hook, with_kwargs=True))
@@ -295,9 +298,9 @@ class Runtime:
         return hook
 
     def _llm_signal_hook(self, sig):
-        def hook(module, args, kwargs, output):
+        def hook(module, args, kwargs, *output):  # a forward hook, or a pre-hook for 'hidden'
             st = self.state
             if st is not None and st.active and st.phase == "prefill" and self.replaying is None:
-                llm_stage.capture_llm_signal(self.cfg, st, sig, module, kwargs)
+                llm_stage.capture_llm_signal(self.cfg, st, sig, module, kwargs, args)
 
         return hook

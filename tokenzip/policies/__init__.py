@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (registration side effects)
     pdrop,
     pool,
     random,
+    sparsevlm,
     visiondrop,
     visionzip,
 )
