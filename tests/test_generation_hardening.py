@@ -84,25 +84,38 @@ def returned_cache(out):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_lookup_equals_greedy_under_a_patch(family, case):
     vlm = model8(family)
-    inputs = one_input(vlm, "yes how yes how square red square blue ?")
-    fed: list[int] = []
-
-    def count(module, args, kwargs):
-        fed.append(kwargs["input_ids"].shape[1])
-
     steps = 8
-    with apply_case(vlm.model, case, 0.5) as patch:
-        greedy = generate(vlm, inputs, steps)
-        handle = vlm.model.register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            lookup = generate(vlm, inputs, steps, prompt_lookup_num_tokens=3)
-        finally:
-            handle.remove()
-        with patch.replay():
-            reference = uncached_logits(vlm.model, inputs, new_tokens(lookup, inputs))
-    assert max(fed[1:]) > 1 and sum(fed[1:]) > steps  # drafts were verified and some were rejected (cache cropped)
+    # Prompt lookup must have had drafts rejected (the cache cropped) for the test to mean anything; whether a
+    # tiny random model rejects one depends on the prompt, so the first prompt that makes it do so is used.
+    for prompt in PROMPT_LOOKUP_PROMPTS:
+        inputs = one_input(vlm, prompt)
+        fed: list[int] = []
+
+        def count(module, args, kwargs, fed=fed):
+            fed.append(kwargs["input_ids"].shape[1])
+
+        with apply_case(vlm.model, case, 0.5) as patch:
+            greedy = generate(vlm, inputs, steps)
+            handle = vlm.model.register_forward_pre_hook(count, with_kwargs=True)
+            try:
+                lookup = generate(vlm, inputs, steps, prompt_lookup_num_tokens=3)
+            finally:
+                handle.remove()
+            with patch.replay():
+                reference = uncached_logits(vlm.model, inputs, new_tokens(lookup, inputs))
+        if max(fed[1:]) > 1 and sum(fed[1:]) > steps:  # drafts were verified and some were rejected
+            break
+    else:
+        pytest.fail(f"no prompt made prompt lookup reject a draft on {family}/{case}: {PROMPT_LOOKUP_PROMPTS}")
     assert torch.equal(lookup.sequences, greedy.sequences)
     torch.testing.assert_close(torch.stack(lookup.logits, 1), reference, atol=ATOL, rtol=ATOL)
+
+
+PROMPT_LOOKUP_PROMPTS = (
+    "yes how yes how square red square blue ?",
+    "red blue red square how yes blue red ?",
+    "square square how blue yes red how yes ?",
+)
 
 
 # ------------------------------------------------------------------------------------------ r05 use_cache=False
