@@ -6,8 +6,7 @@ device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and
 
 Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct, Qwen/Qwen2-VL-{2B,7B}-Instruct,
 llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf, llava-hf/llava-v1.6-{vicuna,mistral}-7b-hf. Only what shapes
-compute is reproduced (no token ids beyond the
-placeholders, no generation settings).
+compute is reproduced (no token ids beyond the placeholders, no generation settings).
 """
 
 from __future__ import annotations
