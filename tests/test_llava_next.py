@@ -127,3 +127,31 @@ def test_builtin_configs(name):
     assert [s.length for s in work.shapes] == [576 + 48 * 49] and work.vision_rows == 5
     wide = workload(model, image_size=(336, 1008))  # 1 x 3 tiles: 24 x 72 + 24 newlines
     assert [s.length for s in wide.shapes] == [576 + 24 * 73]
+
+
+def test_lmms_eval_model_loads_a_saved_checkpoint(tmp_path):
+    """`tokenzip_llava_next` (pyproject entry point -> manifest -> class) loads a saved LLaVA-NeXT directory and
+    answers under a policy through lmms-eval's input path."""
+    from pathlib import Path
+
+    import tomllib
+
+    from tokenzip.evaluation.lmms_model import MODEL_NAMES, TokenzipLlavaNext
+    from tokenzip.evaluation.manifests import LLAVA_NEXT, MANIFESTS
+    from tokenzip.evaluation.media import build_inputs
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    entry = project["project"]["entry-points"]["lmms_eval.models"]["tokenzip_llava_next"]
+    assert entry == "tokenzip.evaluation.manifests:LLAVA_NEXT" and LLAVA_NEXT in MANIFESTS
+    assert LLAVA_NEXT.simple_class_path.endswith(".TokenzipLlavaNext")
+    assert MODEL_NAMES["llava_next"] == LLAVA_NEXT.model_id
+    vlm = get_tiny("llava_next", "sdpa")
+    vlm.model.save_pretrained(tmp_path)
+    vlm.processor.save_pretrained(tmp_path)
+    lmm = TokenzipLlavaNext(pretrained=str(tmp_path), policy="pool", keep=0.25, agreement=False)
+    assert type(lmm.model).__name__ == "LlavaNextForConditionalGeneration"
+    images = [[dummy_image(112, 100, 0)], [dummy_image(100, 60, 1)]]
+    prompts = [lmm._prompt("What is in the image ?", v) for v in images]
+    inputs = build_inputs(lmm.model, lmm.processor, lmm.family, prompts, images)
+    answers, record, _ = lmm._run("pool", 0.25, {}, inputs, {"max_new_tokens": 2}, [], None)
+    assert len(answers) == 2 and all(s.items[0].kept < s.items[0].content for s in record.samples)
