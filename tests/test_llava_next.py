@@ -43,6 +43,18 @@ def test_item_shapes_match_the_models_packing_and_the_processors_placeholders(si
     assert not (packed[shape.content_mask()] == newline).all(-1).any()
 
 
+def test_every_image_of_a_multi_image_prompt_is_tiled():
+    """Unlike OneVision (base grid + one newline per image of a multi-image sample), LLaVA-NeXT tiles each image."""
+    vlm = get_tiny("llava_next", "sdpa")
+    adapter = get_adapter(vlm.model)
+    inputs = vlm.inputs([[dummy_image(56, 56, 1), dummy_image(70, 50, 2)]], [vlm.prompt("What", images=2)])
+    arguments, out = _features(vlm, inputs)
+    shapes = adapter.item_shapes("image", arguments, out)
+    assert [len(s.parts) for s in shapes] == [2, 2] and all(s.parts[1].newline_per_row for s in shapes)
+    assert sum(s.length for s in shapes) == int((inputs["input_ids"] == vlm.model.config.image_token_id).sum())
+    assert shapes[1].vision_rows[0] == shapes[0].vision_rows[1]
+
+
 def test_no_anyres_max_downsampling():
     """A 3 x 1 tile image keeps its full un-padded tile grid (OneVision would not shrink it either at this size,
     but the adapter must never apply anyres_max: LLaVA-NeXT has no such setting)."""
