@@ -10,7 +10,7 @@ import torch
 
 from tokenzip.tiny import VIDEO_INPUTS, TinyVLM, dummy_image, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen2_vl", "llava_next")
 VIDEO_FAMILIES = tuple(f for f in FAMILIES if f in VIDEO_INPUTS)  # the families that take videos
 
 # Baseline policies exercising every stage: name -> apply() options (policy = the part before "-").
@@ -102,7 +102,7 @@ def _samples(vlm: TinyVLM) -> tuple[list, list[str]]:
     """Two images (different sizes where the family allows) and two different prompts."""
     if vlm.family == "qwen2_5_vl":
         images = [dummy_image(112, 112, 0), dummy_image(224, 168, 1)]
-    elif vlm.family == "llava_onevision":
+    elif vlm.family in ("llava_onevision", "llava_next"):  # anyres: different tile layouts
         images = [dummy_image(112, 100, 0), dummy_image(100, 60, 1)]
     else:
         images = [dummy_image(112, 112, 0), dummy_image(112, 112, 1)]

@@ -96,6 +96,8 @@ def test_stage_seconds_cover_the_policy_work():
         ("qwen2_5_vl", Workload(frames=4, image_size=(112, 112))),
         ("llava_onevision", Workload(images=1, image_size=(100, 60))),
         ("llava_onevision", Workload(frames=3)),
+        ("llava_next", Workload(images=2, image_size=(100, 60))),
+        ("llava_next", Workload(images=1, image_size=(60, 170))),
     ],
 )
 def test_synthetic_inputs_are_what_the_model_expects(family, work):

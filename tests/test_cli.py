@@ -79,7 +79,9 @@ def test_bench_prints_a_line_per_row_when_not_a_terminal(tmp_path):
     assert f"control (none, keep 1.0): TTFT {none['ttft']['median'] * 1e3:.1f} ms" in output
 
 
-@pytest.mark.parametrize(("model", "labels"), [("tiny-llava", ["image"]), ("tiny-llava_onevision", None)])
+@pytest.mark.parametrize(
+    ("model", "labels"), [("tiny-llava", ["image"]), ("tiny-llava_onevision", None), ("tiny-llava_next", None)]
+)
 def test_show_prints_answer_and_counts_and_writes_a_labelled_figure(tmp_path, model, labels):
     from tokenzip.tiny import dummy_image
     from tokenzip.viz import panel_labels
@@ -97,10 +99,10 @@ def test_show_prints_answer_and_counts_and_writes_a_labelled_figure(tmp_path, mo
     assert f"layer-averaged visual tokens {kept:.1f}, budget {kept}" in output
     picture = Image.open(out)
     assert picture.width >= 512 and picture.height >= 256
-    if labels is None:  # OneVision anyres: the base image, then the high-resolution tiles
+    if labels is None:  # OneVision / LLaVA-NeXT anyres: the base image, then the high-resolution tiles
         from tokenzip.tiny import tiny
 
-        vlm = tiny("llava_onevision")
+        vlm = tiny(model.removeprefix("tiny-"))
         with tokenzip.apply(vlm.model, "pool", 0.25) as patch:
             vlm.model(**vlm.inputs([Image.open(image)], vlm.prompt("What is in the image ?")))
             item = patch.stats.last.samples[0].items[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import POLICY_CASES, apply_case, get_tiny, image_inputs, video_inputs
+from conftest import POLICY_CASES, VIDEO_FAMILIES, apply_case, get_tiny, image_inputs, video_inputs
 from typer.testing import CliRunner
 
 import tokenzip
@@ -24,8 +24,8 @@ from tokenzip.pricing import meta_model, price, workload
 
 
 def cases():
-    for family in ("llava", "qwen2_5_vl", "llava_onevision"):
-        for kind in ("image", "batch") + (("video",) if family != "llava" else ()):
+    for family in ("llava", "qwen2_5_vl", "llava_onevision", "llava_next"):
+        for kind in ("image", "batch") + (("video",) if family in VIDEO_FAMILIES else ()):
             for case in POLICY_CASES:
                 if case != "random-vision" or family == "llava":
                     yield pytest.param(family, kind, case, id=f"{family}-{kind}-{case}")
@@ -57,7 +57,7 @@ SCORING = (
 
 
 def test_unpatched_flops_equal_the_formula_with_eager_too():
-    for family in ("llava", "qwen2_5_vl", "llava_onevision"):
+    for family in ("llava", "qwen2_5_vl", "llava_onevision", "llava_next"):
         vlm = get_tiny(family, "eager")
         with apply_case(vlm.model, "random", 1.0) as patch:
             measured = measure_flops(lambda vlm=vlm: vlm.model(**image_inputs(vlm, 1)))
@@ -107,7 +107,8 @@ def test_llava_7b_anchors():
     assert sum(s.length for s in workload(meta_model("llava-onevision-qwen2-7b")).shapes) == 3699
 
 
-NOMINAL_APPROXIMATE = {("llava_onevision", "random"), ("llava_onevision", "holitom")}  # newline rows assumption
+# newline rows assumption (every row keeps a token) of the anyres families' per-row newlines
+NOMINAL_APPROXIMATE = {(f, p) for f in ("llava_onevision", "llava_next") for p in ("random", "holitom")}
 
 
 @pytest.mark.parametrize(("family", "kind", "case"), [c for c in cases() if c.values[1] != "batch"])

@@ -61,6 +61,30 @@ def test_llava_pre_llm_positions(mode):
         assert [int(p) for p in seen[1:]] == [length, length + 1]
 
 
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_llava_next_pre_llm_positions(mode):
+    """LLaVA-NeXT's 1-D RoPE: compact renumbers the kept tokens (newlines included) like LLaVA-1.5; original keeps
+    each kept token's position in the anyres run."""
+    vlm = get_tiny("llava_next", "sdpa")
+    inputs = image_inputs(vlm, 1)
+    layer0 = get_adapter(vlm.model).lm_layers[0]
+    length = inputs["input_ids"].shape[1]
+    with tokenzip.apply(vlm.model, "random", 0.25, positions=mode) as patch:
+        seen = record_positions(layer0, lambda: cached_greedy(vlm.model, inputs, 3))
+        item = patch.stats.last.samples[0].items[0]
+    start = int((inputs["input_ids"][0] == vlm.model.config.image_token_id).nonzero()[0])
+    n = length - item.tokens + item.kept_indices.numel()
+    prefill = seen[0][0]
+    assert prefill.numel() == n and item.kept_indices.numel() < item.tokens
+    if mode == "compact":
+        assert torch.equal(prefill, torch.arange(n))
+        assert [int(p) for p in seen[1:]] == [n, n + 1]
+    else:
+        rest = torch.arange(start + item.tokens, length)
+        assert torch.equal(prefill, torch.cat([torch.arange(start), item.kept_indices + start, rest]))
+        assert [int(p) for p in seen[1:]] == [length, length + 1]
+
+
 def test_compact_positions_restart_after_an_llm_stage():
     vlm = get_tiny("llava", "sdpa")
     inputs = image_inputs(vlm, 1)
@@ -101,7 +125,7 @@ def test_qwen_keeps_original_mrope_positions_and_rope_deltas():
         assert torch.equal(rows[step], base_rows[step])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
 @pytest.mark.parametrize("case", ["random", "fastv", "random-decode"])
 def test_manual_decode_loop_without_positions_matches_generate(family, case):
     """A hand-written decode loop (no position_ids, a growing 2-D mask) sees the same logits as generate()."""

@@ -99,6 +99,7 @@ def schedule_cases():
         ("llava", ("image",)),
         ("qwen2_5_vl", ("image", "video")),
         ("llava_onevision", ("image", "video", "multi")),
+        ("llava_next", ("image", "multi")),
     ):
         for kind in kinds:
             for case in CASES:
@@ -110,7 +111,7 @@ def schedule_cases():
 def make_inputs(vlm, kind):
     if kind == "video":
         return video_inputs(vlm)
-    if kind == "multi":  # one sample holding two images (OneVision does not tile them)
+    if kind == "multi":  # one sample holding two images (OneVision does not tile them, LLaVA-NeXT does)
         return vlm.inputs([[dummy_image(56, 56, 1), dummy_image(70, 50, 2)]], [vlm.prompt("What", images=2)])
     return image_inputs(vlm, 1)
 

@@ -215,10 +215,11 @@ class SignalProbe(Policy):
         return Selection(ctx.available)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
 def test_engine_delivers_vision_signals_inside_generate(family):
     vlm = get_tiny(family, "sdpa")
-    kinds = ("received", "cls") if family == "llava" else ("received",)
+    clip = family in ("llava", "llava_next")  # CLIP towers have CLS
+    kinds = ("received", "cls") if clip else ("received",)
     probe = SignalProbe(1, kinds)
     inputs = image_inputs(vlm, 2)
     with tokenzip.apply(vlm.model, probe, 0.5) as patch, torch.no_grad():
@@ -252,5 +253,5 @@ def test_engine_delivers_vision_signals_inside_generate(family):
         got = seen[VisionSignal("received", 1).key]
         assert torch.equal(torch.isnan(got), torch.isnan(exp))
         torch.testing.assert_close(got[~torch.isnan(got)], exp[~torch.isnan(exp)], atol=1e-6, rtol=0)
-        if family == "llava":
+        if clip:
             assert VisionSignal("cls", 1).key in seen

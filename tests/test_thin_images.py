@@ -1,5 +1,6 @@
-"""Extreme-aspect images (r12): a 4000 x 1 px image gives LLaVA-OneVision a tile grid with 0 rows (1 x 4000: 0
-columns) that the unpatched model handles; every policy must handle it too, and `pool` must still meet its budget.
+"""Extreme-aspect images (r12): a 4000 x 1 px image gives LLaVA-OneVision and LLaVA-NeXT a tile grid with 0 rows (1 x
+4000: 0 columns) that the unpatched model handles; every policy must handle it too, and `pool` must still meet its
+budget.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tokenzip.tiny import dummy_image, tiny
 SIZES = {
     "llava": [(4000, 1), (1, 4000)],
     "llava_onevision": [(4000, 1), (1, 4000)],
+    "llava_next": [(4000, 1), (1, 4000)],
     "qwen2_5_vl": [(2000, 12), (12, 2000)],
 }
 CASES = [(family, size) for family, sizes in SIZES.items() for size in sizes]
@@ -51,10 +53,11 @@ def test_pool_meets_the_budget_on_thin_images(family, size):
     assert item.kept == item_budget(0.5, item.content)  # thin grids pool along their length: exact budget
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next"])  # anyres: an empty high-resolution grid
 @pytest.mark.parametrize("size", SIZES["llava_onevision"])
 @pytest.mark.parametrize("policy", sorted(tokenzip.list_policies()))
-def test_every_policy_runs_on_onevision_thin_images(policy, size):
-    vlm = _model("llava_onevision")
+def test_every_policy_runs_on_anyres_thin_images(policy, size, family):
+    vlm = _model(family)
     inputs = vlm.inputs([dummy_image(*size)], vlm.prompt())
     with torch.no_grad(), tokenzip.apply(vlm.model, policy, 0.5) as patch, oracle_truth(policy, [1]):
         logits = vlm.model(**inputs).logits

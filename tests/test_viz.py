@@ -121,8 +121,9 @@ def _check_panels(picture, grid, state, top=0, dim_black=True):
     assert x - GAP == picture.width
 
 
-def test_anyres_image_draws_the_base_grid_then_the_tiles():
-    vlm = tiny("llava_onevision")
+@pytest.mark.parametrize("family", ["llava_onevision", "llava_next"])
+def test_anyres_image_draws_the_base_grid_then_the_tiles(family):
+    vlm = tiny(family)
     image = dummy_image(160, 112, seed=3)
     item = _record(vlm, _image_inputs(vlm, image), "random", 0.25)
     picture = draw_item(vlm.model, item, image, dim=1.0)

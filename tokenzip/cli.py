@@ -201,7 +201,9 @@ def flops_command(
     keep: str = typer.Option("0.111", help="float fraction or int tokens per image"),
     text_tokens: int = typer.Option(60, help="text tokens in the prompt"),
     images: int = typer.Option(1, help="images in the prompt"),
-    image_size: str = typer.Option("", help="HxW of each image (Qwen2.5-VL default 448x448, OneVision 768x768)"),
+    image_size: str = typer.Option(
+        "", help="HxW of each image (Qwen2.5-VL default 448x448, OneVision 768x768, LLaVA-NeXT 672x672)"
+    ),
     frames: int = typer.Option(0, help="price a video of this many frames instead of images"),
     option: list[str] = typer.Option(
         [], "--option", "-o", help="policy option key=value or policy.key=value (repeatable)"

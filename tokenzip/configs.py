@@ -5,8 +5,8 @@ device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and
 `--random-weights` benchmarks instantiate it for real (optionally with fewer layers).
 
 Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct, Qwen/Qwen2-VL-{2B,7B}-Instruct,
-llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf. Only what shapes compute is reproduced (no token ids beyond the
-placeholders, no generation settings).
+llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf, llava-hf/llava-v1.6-{vicuna,mistral}-7b-hf. Only what shapes
+compute is reproduced (no token ids beyond the placeholders, no generation settings).
 """
 
 from __future__ import annotations
@@ -89,6 +89,40 @@ BUILTIN: dict[str, dict[str, Any]] = {
             rms_norm_eps=1e-5,
         ),
         top=dict(image_token_index=32000, image_seq_length=576, vision_feature_layer=-2),
+    ),
+    "llava-v1.6-vicuna-7b": dict(  # LLaVA-NeXT: anyres tiles on llava_next.PINPOINTS, CLS dropped ('default')
+        family="llava_next",
+        vision=CLIP_L_336,
+        text=dict(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            pad_token_id=0,
+        ),
+        top=dict(image_token_index=32000, image_seq_length=576),
+    ),
+    "llava-v1.6-mistral-7b": dict(
+        family="llava_next",
+        vision=CLIP_L_336,
+        text=dict(
+            model_type="mistral",
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+        ),
+        top=dict(image_token_index=32000, image_seq_length=576),
     ),
     "qwen2.5-vl-3b": dict(
         family="qwen2_5_vl",

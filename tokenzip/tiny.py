@@ -1,4 +1,5 @@
-"""Tiny, fully offline LLaVA-1.5, Qwen2.5-VL and LLaVA-OneVision models with hand-built processors.
+"""Tiny, fully offline LLaVA-1.5, Qwen2.5-VL, LLaVA-OneVision, Qwen2-VL and LLaVA-NeXT models with hand-built
+processors.
 
 Nothing here downloads anything: tokenizers are word-level vocabularies built in memory, image processors
 are the PIL backends constructed directly, and models are instantiated from configs with random weights.
@@ -11,6 +12,8 @@ Sizes (defaults):
 * Qwen2.5-VL: 112x112 image -> 8x8 patches -> 4x4 = 16 LLM tokens after the 2x2 merger; 224x224 -> 64.
 * LLaVA-OneVision: 56 px tiles, 14 px patches -> 16 tokens per tile; anyres adds tiles + one newline per row;
   a 4-frame video gives 4 x 2x2 pooled tokens + 1 newline.
+* LLaVA-NeXT: 56 px tiles, 14 px patches -> CLS + 16 tokens per tile (CLS dropped before the projector); a base
+  tile + 2 to 4 high-resolution tiles, un-padded, one newline per row.
 
 All LLMs are Llama/Qwen2 decoders of hidden size 64 (4 query heads, 2 KV heads: GQA is exercised).
 """
@@ -502,6 +505,88 @@ def tiny_llava_ov(
     return TinyVLM(model, proc, "llava_onevision")
 
 
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT
+def tiny_llava_next(
+    attn: str = "sdpa",
+    image_size: int = 56,
+    patch: int = 14,
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
+) -> TinyVLM:
+    """Tiny `LlavaNextForConditionalGeneration`: CLIP tower with CLS (feature layer -2, 'default' strategy), Llama
+    decoder, anyres tiles of `image_size` px on the real checkpoints' pinpoints scaled down (1x2, 2x1, 2x2, 3x1,
+    1x3 tiles); `tokenizer` and the overrides as in `tiny_llava`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = tokenizer(["<image>"])
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    pinpoints = [[image_size * a, image_size * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+    vcfg = CLIPVisionConfig(
+        **_with(
+            vision_overrides,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
+        )
+    )
+    tcfg = LlamaConfig(
+        **_with(
+            text_overrides,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vcfg,
+        text_config=tcfg,
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(image_size // patch) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    proc = LlavaNextProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return TinyVLM(model, proc, "llava_next")
+
+
 def ov_video_inputs(vlm: TinyVLM, frames: int = 4, text: str = "Describe this video ?", seed: int = 0) -> dict:
     """Hand-built LLaVA-OneVision video inputs (the video processor needs torchvision)."""
     cfg = vlm.model.config
@@ -520,11 +605,12 @@ FACTORIES = {
     "qwen2_5_vl": tiny_qwen25vl,
     "llava_onevision": tiny_llava_ov,
     "qwen2_vl": tiny_qwen2vl,
+    "llava_next": tiny_llava_next,
 }
 
 
 def tiny(family: str, **kw) -> TinyVLM:
-    """Build the tiny model of `family` ('llava', 'qwen2_5_vl', 'llava_onevision' or 'qwen2_vl')."""
+    """Build the tiny model of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl' or 'llava_next')."""
     if family not in FACTORIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(FACTORIES)}")
     return FACTORIES[family](**kw)

@@ -7,15 +7,22 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import Adapter, ModelInfo
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    Qwen25VLAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    LlavaNextAdapter,
+)
 
 
 def adapter_class(family: str) -> type[Adapter]:
-    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl')."""
+    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl', 'llava_next')."""
     for adapter in ADAPTERS:
         if adapter.family == family:
             return adapter

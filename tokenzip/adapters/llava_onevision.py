@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -28,6 +29,7 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    display_name = "LLaVA-OneVision"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -93,41 +95,58 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
         return max(1, side // part.rows) if modality == "video" else super().cell_pixels(modality, part)
 
     # ------------------------------------------------------------------------------------------ images
-    def _tiles_per_image(self, arguments: dict[str, Any]) -> list[int]:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+    def _tiled(self, arguments: dict[str, Any]) -> list[bool]:
+        """Per image: anyres tiles (True) or the base tile only (an image of a multi-image sample)."""
         sizes = arguments["image_sizes"]
         batch_num_images = arguments.get("batch_num_images")
         if batch_num_images is None:
-            tiled = [True] * len(sizes)
-        else:
-            tiled = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+            return [True] * len(sizes)
+        return [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+
+    def _modeling(self):
+        """The transformers module with the family's anyres helpers (tile counts, grid shapes, un-padding)."""
+        return importlib.import_module(type(self.base).__module__)
+
+    def _tiles_per_image(self, arguments: dict[str, Any]) -> list[int]:
+        count = self._modeling().image_size_to_num_patches
+        pinpoints, side = self.config.image_grid_pinpoints, self.config.vision_config.image_size
         return [
-            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-            if t
-            else 1
-            for size, t in zip(sizes, tiled)
+            count(size, pinpoints, side) if t else 1
+            for size, t in zip(arguments["image_sizes"], self._tiled(arguments))
         ]
 
     def _aspect(self, arguments: dict[str, Any]) -> str:
         return arguments.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
 
-    def _highres_grid(self, image_size, n_tiles: int, aspect: str) -> tuple[int, int]:
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape,
-            unpad_image,
-        )
-
+    def _unpadded_grid(self, image_size) -> tuple[int, int]:
+        """(rows, cols) of the high-resolution tiles assembled into one grid and un-padded to the image's aspect."""
+        modeling = self._modeling()
         g = self.grid
-        tiles_h, tiles_w = get_anyres_image_grid_shape(
+        tiles_h, tiles_w = modeling.get_anyres_image_grid_shape(
             image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
         )
-        rows, cols = unpad_image(torch.empty(0, tiles_h * g, tiles_w * g), image_size).shape[1:]
-        max_tiles = int(aspect.removeprefix("anyres_max_"))
+        return tuple(modeling.unpad_image(torch.empty(0, tiles_h * g, tiles_w * g), image_size).shape[1:])
+
+    def _highres_grid(self, image_size, arguments: dict[str, Any]) -> tuple[int, int]:
+        """The packed high-resolution grid: un-padded, then bilinearly downsampled past anyres_max_N tiles."""
+        g = self.grid
+        rows, cols = self._unpadded_grid(image_size)
+        max_tiles = int(self._aspect(arguments).removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_tiles * g**2))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)
         return rows, cols
+
+    def _pack(self, rows: torch.Tensor, arguments: dict[str, Any], index: int) -> torch.Tensor:
+        """Per-tile values `rows` [tiles, g*g, C] of image `index` packed as the model packs its features (no
+        newlines): [n_content, C]."""
+        packed, _ = self.base.pack_image_features(
+            [rows],
+            torch.as_tensor(arguments["image_sizes"])[index : index + 1],
+            image_newline=None,
+            vision_aspect_ratio=self._aspect(arguments),
+        )
+        return packed[0]
 
     def item_shapes(self, modality: str, arguments: dict[str, Any], output: Any, check: bool = True) -> list[ItemShape]:
         g = self.grid
@@ -142,11 +161,10 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
                 for b in range(batch)
             ]
         shapes, row = [], 0
-        aspect = self._aspect(arguments)
         for i, n_tiles in enumerate(self._tiles_per_image(arguments)):
             size = arguments["image_sizes"][i]
             if n_tiles > 1:
-                rows, cols = self._highres_grid(size, n_tiles, aspect)
+                rows, cols = self._highres_grid(size, arguments)
                 parts = (GridPart(0, 1, g, g), GridPart(g * g, 1, rows, cols, newline_per_row=True))
                 shape = ItemShape("image", parts, vision_rows=(row, row + n_tiles))
             else:
@@ -154,7 +172,7 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
             got = output.pooler_output[i].shape[0] if check else shape.length
             if got != shape.length:
                 raise UnsupportedModelError(
-                    f"LLaVA-OneVision image {i}: the model packed {got} tokens, tokenzip's geometry gives "
+                    f"{self.display_name} image {i}: the model packed {got} tokens, tokenzip's geometry gives "
                     f"{shape.length}; this transformers version packs features differently"
                 )
             shapes.append(shape)
@@ -167,18 +185,12 @@ class LlavaOnevisionAdapter(ViTTowerAdapter):
         out = []
         for i, shape in enumerate(shapes):
             s, e = shape.vision_rows
-            block = scores[s:e].float()
+            block = scores[s:e, int(self.vision_has_cls) :].float()  # CLIP's CLS (column 0) is never a grid cell
             channels = block.shape[2:]
             rows = block.reshape(block.shape[0], block.shape[1], -1)  # [tiles or frames, g*g, C]
             if modality == "video":
                 packed = self.base.apply_pooling(rows).reshape(-1, *channels)
             else:
-                packed_list, _ = self.base.pack_image_features(
-                    [rows],
-                    torch.as_tensor(arguments["image_sizes"])[i : i + 1],
-                    image_newline=None,
-                    vision_aspect_ratio=self._aspect(arguments),
-                )
-                packed = packed_list[0].reshape(-1, *channels)
+                packed = self._pack(rows, arguments, i).reshape(-1, *channels)
             out.append(interleave_structural(packed, shape))
         return out

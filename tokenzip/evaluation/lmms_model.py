@@ -323,15 +323,21 @@ class TokenzipQwen2VL(TokenzipLMMS):
     family = "qwen2_vl"
 
 
+class TokenzipLlavaNext(TokenzipLMMS):
+    family = "llava_next"
+
+
 CLASSES = {
     "llava": TokenzipLlava,
     "qwen2_5_vl": TokenzipQwen2_5_VL,
     "llava_onevision": TokenzipLlavaOnevision,
     "qwen2_vl": TokenzipQwen2VL,
+    "llava_next": TokenzipLlavaNext,
 }
 MODEL_NAMES = {
     "llava": "tokenzip_llava_hf",
     "qwen2_5_vl": "tokenzip_qwen2_5_vl",
     "llava_onevision": "tokenzip_llava_onevision",
     "qwen2_vl": "tokenzip_qwen2_vl",
+    "llava_next": "tokenzip_llava_next",
 }

@@ -14,4 +14,7 @@ LLAVA_ONEVISION = ModelManifest(
 QWEN2_VL = ModelManifest(
     model_id="tokenzip_qwen2_vl", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipQwen2VL"
 )
-MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL)
+LLAVA_NEXT = ModelManifest(
+    model_id="tokenzip_llava_next", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipLlavaNext"
+)
+MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL, LLAVA_NEXT)

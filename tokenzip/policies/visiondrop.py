@@ -166,7 +166,8 @@ class VisionDropPolicy(Policy):
             return Plan(llm_layers=bounds, vision_signals=(state.score, state.metric), state=state, **stage1)
         if self.include_cls is not None:
             raise PolicyOptionError(
-                f"visiondrop: include_cls applies only to LLaVA-1.5 (CLIP with CLS); {info.family} has no CLS token"
+                "visiondrop: include_cls applies only to LLaVA-1.5 (CLIP with CLS and a projector-input stage); "
+                f"{info.family} has no CLS token in its LLM input"
             )
         layer = info.vision_feature_layer
         state = VisionDropState(

@@ -19,6 +19,7 @@ ASSISTANT_MARKER = {
     "qwen2_5_vl": "assistant",
     "qwen2_vl": "assistant",
     "llava_onevision": "assistant",
+    "llava_next": "ASSISTANT:",
 }
 
 
