@@ -10,12 +10,20 @@ from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    Qwen25VLAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen3VLAdapter,
+)
 
 
 def adapter_class(family: str) -> type[Adapter]:
-    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl')."""
+    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl',
+    'qwen3_vl')."""
     for adapter in ADAPTERS:
         if adapter.family == family:
             return adapter
