@@ -323,15 +323,21 @@ class TokenzipQwen2VL(TokenzipLMMS):
     family = "qwen2_vl"
 
 
+class TokenzipQwen3VL(TokenzipLMMS):
+    family = "qwen3_vl"
+
+
 CLASSES = {
     "llava": TokenzipLlava,
     "qwen2_5_vl": TokenzipQwen2_5_VL,
     "llava_onevision": TokenzipLlavaOnevision,
     "qwen2_vl": TokenzipQwen2VL,
+    "qwen3_vl": TokenzipQwen3VL,
 }
 MODEL_NAMES = {
     "llava": "tokenzip_llava_hf",
     "qwen2_5_vl": "tokenzip_qwen2_5_vl",
     "llava_onevision": "tokenzip_llava_onevision",
     "qwen2_vl": "tokenzip_qwen2_vl",
+    "qwen3_vl": "tokenzip_qwen3_vl",
 }

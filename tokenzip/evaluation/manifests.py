@@ -14,4 +14,7 @@ LLAVA_ONEVISION = ModelManifest(
 QWEN2_VL = ModelManifest(
     model_id="tokenzip_qwen2_vl", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipQwen2VL"
 )
-MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL)
+QWEN3_VL = ModelManifest(
+    model_id="tokenzip_qwen3_vl", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipQwen3VL"
+)
+MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL)
