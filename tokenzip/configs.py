@@ -5,8 +5,8 @@ device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and
 `--random-weights` benchmarks instantiate it for real (optionally with fewer layers).
 
 Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct, Qwen/Qwen2-VL-{2B,7B}-Instruct,
-Qwen/Qwen3-VL-{2B,8B}-Instruct, llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf. Only what shapes compute is reproduced (no token ids beyond the
-placeholders, no generation settings).
+Qwen/Qwen3-VL-{2B,8B}-Instruct, llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf. Only what shapes compute is
+reproduced (no token ids beyond the placeholders, no generation settings).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ placeholder of a prompt by the right number of copies, then the processor tokeni
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -199,8 +198,9 @@ def processor_inputs(
 @contextmanager
 def _placeholders_pre_expanded(processor, plain_replacements: bool = False):
     """The processor refuses video placeholders in a text without videos; ours are already expanded, so its
-    video-token check is switched off for one call; with `plain_replacements` the processor's text replacement is
-    the generic one for that call (Qwen3-VL's collapses a video wrapper it builds from the video token) (`mm_token_type_ids` still marks them, from the token id)."""
+    video-token check is switched off for one call (`mm_token_type_ids` still marks them, from the token id); with
+    `plain_replacements` the processor's text replacement is the generic one for that call (Qwen3-VL's own collapses
+    a video wrapper it builds from the video token)."""
     saved = processor.video_token
     processor.video_token = None
     if plain_replacements:  # Qwen3-VL's own override builds its frame wrapper from the (now None) video token

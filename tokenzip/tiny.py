@@ -502,10 +502,8 @@ def qwen3_video_inputs(
     g = torch.Generator().manual_seed(seed)
     flat = torch.randn(t * h * w, 3 * tp * ps * ps, generator=g)
     per_frame = h * w // ms**2
-    blocks = "".join(
-        f"<{(j * tp + (tp - 1) / 2) / fps:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>"
-        for j in range(t)
-    )
+    frame = "<|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>"
+    blocks = "".join(f"<{(j * tp + (tp - 1) / 2) / fps:.1f} seconds>" + frame for j in range(t))
     prompt = vlm.prompt(text, images=0, video=True).replace("<|vision_start|><|video_pad|><|vision_end|>", blocks)
     enc = vlm.processor.tokenizer(prompt, return_tensors="pt")
     video_id = vlm.model.config.video_token_id

@@ -241,8 +241,8 @@ def decoder_qk(
     """Post-RoPE queries [B, H, R, hd] (of `rows`, all if None) and GQA-expanded keys [B, H, L, hd].
 
     Works for Llama, Qwen2, Qwen2.5-VL and Qwen3-VL decoder attention (the M-RoPE of the Qwen-VL models is already
-    folded into the (cos, sin) [B, L, hd] that the model passes to each layer; Qwen3's q / k norms are applied). `keys`: post-RoPE keys [B, KV, L, hd] to
-    reuse (e.g. the layer's cache entries) instead of recomputing them.
+    folded into the (cos, sin) [B, L, hd] that the model passes to each layer; Qwen3's q / k norms are applied).
+    `keys`: post-RoPE keys [B, KV, L, hd] to reuse (e.g. the layer's cache entries) instead of recomputing them.
     """
     b, n, _ = hidden_states.shape
     hd = attn.head_dim
