@@ -82,7 +82,7 @@ def named_keep(message: str, keep):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("images", [1, 16])
 @pytest.mark.parametrize("depth", [8, 32])
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_on_budget_or_refused_with_a_reachable_keep(family, depth, images, policy):
     vlm, inputs = model(family, depth), prompt(family, depth, images)
     failures = []

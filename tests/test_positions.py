@@ -101,7 +101,7 @@ def test_qwen_keeps_original_mrope_positions_and_rope_deltas():
         assert torch.equal(rows[step], base_rows[step])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 @pytest.mark.parametrize("case", ["random", "fastv", "random-decode"])
 def test_manual_decode_loop_without_positions_matches_generate(family, case):
     """A hand-written decode loop (no position_ids, a growing 2-D mask) sees the same logits as generate()."""

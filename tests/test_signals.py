@@ -107,7 +107,7 @@ def test_qwen_vision_received_equals_eager(monkeypatch, block):
     torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_decoder_rows_and_received_equal_eager(family):
     eager, sdpa = get_tiny(family, "eager"), get_tiny(family, "sdpa")
     inputs = image_inputs(eager, 2)  # left-padded batch: padding and GQA (4 query / 2 KV heads) exercised
@@ -215,7 +215,7 @@ class SignalProbe(Policy):
         return Selection(ctx.available)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_engine_delivers_vision_signals_inside_generate(family):
     vlm = get_tiny(family, "sdpa")
     kinds = ("received", "cls") if family == "llava" else ("received",)
