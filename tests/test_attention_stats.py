@@ -27,7 +27,7 @@ from training.attention_stats import (
     sample_masses,
 )
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 
 
 @functools.cache

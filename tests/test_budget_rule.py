@@ -30,7 +30,7 @@ POLICIES = tuple(tokenzip.list_policies())
 KEEPS = (0.111, 0.222, 0.333, 3)
 # small grids keep 16-image prompts fast: LLaVA 56 px / 14 px patches = 4x4 tokens, Qwen2.5-VL 112 px = 4x4
 # after the 2x2 merger, OneVision 56 px tiles (anyres base + tiles for one image, base grids for several)
-IMAGE_SIZE = {"llava": 56, "qwen2_5_vl": 112, "llava_onevision": 56}
+IMAGE_SIZE = {"llava": 56, "qwen2_5_vl": 112, "llava_onevision": 56, "qwen3_vl": 128}  # Qwen3-VL: 16 px patches
 
 
 @functools.cache

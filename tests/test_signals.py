@@ -227,9 +227,9 @@ def test_engine_delivers_vision_signals_inside_generate(family):
     assert len(probe.seen) == 2  # one item per sample
     adapter = get_adapter(vlm.model)
     module = adapter.vision_attention(1)
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "qwen3_vl"):
         args, kwargs = capture_inputs(
-            module, lambda: vlm.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            module, lambda: vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         )
         raw = qwen_vision_attention_received(module, args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"])
         arguments = {"image_grid_thw": inputs["image_grid_thw"]}
@@ -241,7 +241,7 @@ def test_engine_delivers_vision_signals_inside_generate(family):
         arguments = feature_args
         del pixels
     with torch.no_grad():
-        out = vlm.model.model.get_image_features(**arguments) if family != "qwen2_5_vl" else None
+        out = vlm.model.model.get_image_features(**arguments) if family not in ("qwen2_5_vl", "qwen3_vl") else None
     shapes = (
         adapter.item_shapes("image", arguments, out)
         if out is not None

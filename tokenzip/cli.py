@@ -97,7 +97,9 @@ def policies() -> None:
 
 @app.command("demo")
 def demo(
-    family: str = typer.Option("llava", help="tiny model family: llava, qwen2_5_vl or llava_onevision"),
+    family: str = typer.Option(
+        "llava", help="tiny model family: llava, qwen2_5_vl, llava_onevision, qwen2_vl or qwen3_vl"
+    ),
     keep: float = typer.Option(0.25, help="fraction of visual tokens to keep (layer-averaged budget)"),
     new_tokens: int = typer.Option(8, help="tokens to generate"),
 ) -> None:
