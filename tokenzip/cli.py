@@ -300,7 +300,8 @@ def parse_policy_options(pairs: list[str]) -> dict[str, dict]:
 def bench_command(
     model: str = typer.Option(
         "tiny-llava",
-        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision (offline), a built-in config with "
+        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision | tiny-qwen2_vl | tiny-qwen3_vl (offline), a "
+        "built-in config with "
         "--random-weights, or a hub id / local checkpoint directory",
     ),
     random_weights: bool = typer.Option(False, "--random-weights", help="real-shaped model from a built-in config"),
@@ -439,7 +440,8 @@ def show_command(
     image: Path = typer.Option(..., help="image file"),
     model: str = typer.Option(
         "tiny-llava",
-        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision (random, offline), a bundled name (synth-llava, "
+        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision | tiny-qwen2_vl | tiny-qwen3_vl (random, offline), "
+        "a bundled name (synth-llava, "
         "...), hub id or directory",
     ),
     question: str = typer.Option("What is in the image ?", help="the question asked about the image"),
