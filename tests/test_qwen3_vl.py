@@ -119,6 +119,18 @@ def test_deepstack_on_a_video_follows_each_frame(recorder):
     _assert_own_features(_features_by_position(full), pruned, expect_dropped=True)
 
 
+def test_deepstack_on_an_image_and_a_video_in_one_prompt(recorder):
+    """The model joins image and video DeepStack features in prompt order; each kept token still gets its own."""
+    vlm = get_tiny("qwen3_vl", "sdpa")
+    prompt = vlm.prompt("What shape appeared ?", images=1, video=True)
+    frames = [dummy_image(128, 128, k) for k in range(4)]
+    image = dummy_image(96, 128, 9)
+    inputs = processor_inputs(vlm.processor, vlm.model.config, "qwen3_vl", [prompt], [image], [frames])
+    _, full = _run(vlm, inputs, recorder)
+    _, pruned = _run(vlm, inputs, recorder, "fastv", 0.25, layer=1)
+    _assert_own_features(_features_by_position(full), pruned, expect_dropped=True)
+
+
 @pytest.mark.parametrize("policy", ["random", "fastv"])
 def test_keep_one_passes_deepstack_through_untouched(recorder, policy):
     vlm = get_tiny("qwen3_vl", "sdpa")
