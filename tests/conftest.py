@@ -10,7 +10,7 @@ import torch
 
 from tokenzip.tiny import VIDEO_INPUTS, TinyVLM, dummy_image, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen2_vl", "llava_next")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen2_vl", "llava_next", "qwen3_vl")
 VIDEO_FAMILIES = tuple(f for f in FAMILIES if f in VIDEO_INPUTS)  # the families that take videos
 
 # Baseline policies exercising every stage: name -> apply() options (policy = the part before "-").

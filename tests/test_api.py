@@ -144,7 +144,7 @@ def test_vision_stage_is_refused_where_features_are_resampled():
         tokenzip.apply(vlm.model, "random", 0.5, stage="vision")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_prompt_without_image_passes_through(family):
     vlm = get_tiny(family, "sdpa")
     enc = vlm.processor.tokenizer(["What is a cat ?"], return_tensors="pt")

@@ -75,7 +75,7 @@ def test_disk_offloaded_model_gives_the_same_tokens(folders, family, case):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 @pytest.mark.parametrize(
     "case", ["random", "pool", "fastv", "random-llm", "hiprune", "holov", "visiondrop", "mustdrop", "atp", "holitom"]
 )

@@ -16,7 +16,7 @@ from conftest import oracle_truth
 import tokenzip
 from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "llava_next")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl")
 POLICIES = tuple(tokenzip.list_policies())
 KEEP = 0.5
 ATOL = 1e-4

@@ -30,8 +30,8 @@ POLICIES = tuple(tokenzip.list_policies())
 KEEPS = (0.111, 0.222, 0.333, 3)
 # small grids keep 16-image prompts fast: LLaVA 56 px / 14 px patches = 4x4 tokens, Qwen2.5-VL 112 px = 4x4
 # after the 2x2 merger, OneVision 56 px tiles (anyres base + tiles for one image, base grids for several), LLaVA-NeXT
-# 56 px tiles (a square image: base + 1 x 2 tiles, every image)
-IMAGE_SIZE = {"llava": 56, "qwen2_5_vl": 112, "llava_onevision": 56, "llava_next": 56}
+# 56 px tiles (a square image: base + 1 x 2 tiles, every image), Qwen3-VL 128 px (16 px patches)
+IMAGE_SIZE = {"llava": 56, "qwen2_5_vl": 112, "llava_onevision": 56, "llava_next": 56, "qwen3_vl": 128}
 
 
 @functools.cache
@@ -83,7 +83,7 @@ def named_keep(message: str, keep):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("images", [1, 16])
 @pytest.mark.parametrize("depth", [8, 32])
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 def test_on_budget_or_refused_with_a_reachable_keep(family, depth, images, policy):
     vlm, inputs = model(family, depth), prompt(family, depth, images)
     failures = []

@@ -19,7 +19,7 @@ from tokenzip.errors import UnsupportedInputError
 from tokenzip.policies.holov import holov_select, redistribute
 from tokenzip.tiny import TinyVLM, dummy_image, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "llava_next")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl")
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from tokenzip.synthetic import sample, video_sample
 from tokenzip.synthetic.truth import RASTER, coverage, doc_truth, needed_raster
 from tokenzip.tiny import dummy_image, ov_video_inputs, qwen_video_inputs, tiny
 
-FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 
 
 @functools.cache

@@ -191,7 +191,7 @@ def measure(vlm, inputs):
     return seen
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 @pytest.mark.parametrize("keep", [0.5, 0.25])
 def test_per_layer_counts_follow_the_topk_schedule(family, keep):
     vlm = get_tiny(family, "sdpa")

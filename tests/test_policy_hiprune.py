@@ -522,7 +522,7 @@ def test_llava_budget_and_compact_positions(keep):
     assert [int(p) for p in seen[1:]] == [n, n + 1]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 def test_keep_one_is_identity_and_remove_restores(family):
     vlm = get_tiny(family, "sdpa")
     inputs = image_inputs(vlm, 2)
@@ -530,7 +530,7 @@ def test_keep_one_is_identity_and_remove_restores(family):
     assert_identity_and_restore(vlm, inputs, "hiprune", compat=compat, alpha=0.5)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 @pytest.mark.parametrize("compat", ["official", "fixed"])
 def test_sdpa_and_eager_select_the_same_tokens(family, compat):
     def kept(attn):

@@ -685,7 +685,7 @@ def test_options_and_family_defaults():
     assert HoloVPolicy(compat="official").options["compat"] == "official"
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_keep_one_is_bit_identical_and_remove_restores(family):
     vlm = get_tiny(family, "sdpa")
     inputs = image_inputs(vlm, 2)

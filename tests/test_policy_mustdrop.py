@@ -858,7 +858,7 @@ def budget_images(family: str, count: int) -> list[Image.Image]:
 
 @pytest.mark.parametrize("images", [1, 16])
 @pytest.mark.parametrize("layers", [8, 32])
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_layer_average_meets_the_budget(family, layers, images):
     """r11: on 8 and 32 decoder layers, with 1 and 16 images, the measured layer average (stats) equals the sum of
     the items' budgets within one token per item; the pruning layers are distinct and increasing (8 layers used to

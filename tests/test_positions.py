@@ -125,7 +125,7 @@ def test_qwen_keeps_original_mrope_positions_and_rope_deltas():
         assert torch.equal(rows[step], base_rows[step])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 @pytest.mark.parametrize("case", ["random", "fastv", "random-decode"])
 def test_manual_decode_loop_without_positions_matches_generate(family, case):
     """A hand-written decode loop (no position_ids, a growing 2-D mask) sees the same logits as generate()."""
@@ -140,9 +140,10 @@ def test_manual_decode_loop_without_positions_matches_generate(family, case):
             mask = inputs["attention_mask"]
             for t in range(2):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                # transformers 5.23's Qwen2.5-VL builds full-length positions from a 2-D mask in decode and
-                # crashes even unpatched, so its loop passes no mask (batch 1 has no padding)
-                step_mask = None if family == "qwen2_5_vl" else mask
+                # transformers 5.23's Qwen2.5-VL (and 5.25's Qwen3-VL, the same `compute_3d_position_ids`) builds
+                # full-length positions from a 2-D mask in decode and crashes even unpatched, so its loop passes no
+                # mask (batch 1 has no padding)
+                step_mask = None if family in ("qwen2_5_vl", "qwen3_vl") else mask
                 out = vlm.model(
                     input_ids=tokens[:, t : t + 1], attention_mask=step_mask, past_key_values=out.past_key_values
                 )

@@ -30,8 +30,9 @@ WIDTHS = {  # every quantised nn.Linear gets in/out features that are multiples 
     "llava": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}),
     "qwen2_5_vl": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 64}),
     "llava_onevision": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128}),
-    "qwen2_vl": dict(vision_overrides={"embed_dim": 64, "hidden_size": 64}),
+    "qwen2_vl": dict(vision_overrides={"embed_dim": 64, "mlp_ratio": 2, "hidden_size": 64}),
     "llava_next": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "projection_dim": 64}),
+    "qwen3_vl": dict(vision_overrides={"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 64}),
 }
 KEEP = 0.375  # FastV at layer 2 of the 24-layer tiny LLMs and pool (24 of 64 = a 6x4 grid) reach it on every family
 

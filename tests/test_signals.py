@@ -107,7 +107,7 @@ def test_qwen_vision_received_equals_eager(monkeypatch, block):
     torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "qwen3_vl"])
 def test_decoder_rows_and_received_equal_eager(family):
     eager, sdpa = get_tiny(family, "eager"), get_tiny(family, "sdpa")
     inputs = image_inputs(eager, 2)  # left-padded batch: padding and GQA (4 query / 2 KV heads) exercised
@@ -215,7 +215,7 @@ class SignalProbe(Policy):
         return Selection(ctx.available)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "llava_onevision", "llava_next", "qwen3_vl"])
 def test_engine_delivers_vision_signals_inside_generate(family):
     vlm = get_tiny(family, "sdpa")
     clip = family in ("llava", "llava_next")  # CLIP towers have CLS
@@ -228,9 +228,9 @@ def test_engine_delivers_vision_signals_inside_generate(family):
     assert len(probe.seen) == 2  # one item per sample
     adapter = get_adapter(vlm.model)
     module = adapter.vision_attention(1)
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "qwen3_vl"):
         args, kwargs = capture_inputs(
-            module, lambda: vlm.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            module, lambda: vlm.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         )
         raw = qwen_vision_attention_received(module, args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"])
         arguments = {"image_grid_thw": inputs["image_grid_thw"]}
@@ -242,7 +242,7 @@ def test_engine_delivers_vision_signals_inside_generate(family):
         arguments = feature_args
         del pixels
     with torch.no_grad():
-        out = vlm.model.model.get_image_features(**arguments) if family != "qwen2_5_vl" else None
+        out = vlm.model.model.get_image_features(**arguments) if family not in ("qwen2_5_vl", "qwen3_vl") else None
     shapes = (
         adapter.item_shapes("image", arguments, out)
         if out is not None

@@ -97,7 +97,9 @@ def policies() -> None:
 
 @app.command("demo")
 def demo(
-    family: str = typer.Option("llava", help="tiny model family: llava, qwen2_5_vl, llava_onevision or qwen2_vl"),
+    family: str = typer.Option(
+        "llava", help="tiny model family: llava, qwen2_5_vl, llava_onevision, qwen2_vl, llava_next or qwen3_vl"
+    ),
     keep: float = typer.Option(0.25, help="fraction of visual tokens to keep (layer-averaged budget)"),
     new_tokens: int = typer.Option(8, help="tokens to generate"),
 ) -> None:
@@ -300,7 +302,8 @@ def parse_policy_options(pairs: list[str]) -> dict[str, dict]:
 def bench_command(
     model: str = typer.Option(
         "tiny-llava",
-        help="tiny-llava | tiny-qwen2_5_vl | tiny-llava_onevision | tiny-qwen2_vl (offline), a built-in config with "
+        help="tiny-<family> (llava, qwen2_5_vl, llava_onevision, qwen2_vl, llava_next, qwen3_vl; offline), a "
+        "built-in config with "
         "--random-weights, or a hub id / local checkpoint directory",
     ),
     random_weights: bool = typer.Option(False, "--random-weights", help="real-shaped model from a built-in config"),
@@ -439,8 +442,8 @@ def show_command(
     image: Path = typer.Option(..., help="image file"),
     model: str = typer.Option(
         "tiny-llava",
-        help="tiny-<family> (llava, qwen2_5_vl, llava_onevision, qwen2_vl; random, offline), a bundled name "
-        "(synth-llava, ...), hub id or directory",
+        help="tiny-<family> (llava, qwen2_5_vl, llava_onevision, qwen2_vl, llava_next, qwen3_vl; random, "
+        "offline), a bundled name (synth-llava, ...), hub id or directory",
     ),
     question: str = typer.Option("What is in the image ?", help="the question asked about the image"),
     policy: str = typer.Option("hiprune", help="policy name"),

@@ -5,8 +5,9 @@ device (`torch.device("meta")`) costs no memory and is what `tokenzip flops` and
 `--random-weights` benchmarks instantiate it for real (optionally with fewer layers).
 
 Values: llava-hf/llava-1.5-{7b,13b}-hf, Qwen/Qwen2.5-VL-{3B,7B}-Instruct, Qwen/Qwen2-VL-{2B,7B}-Instruct,
-llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf, llava-hf/llava-v1.6-{vicuna,mistral}-7b-hf. Only what shapes
-compute is reproduced (no token ids beyond the placeholders, no generation settings).
+Qwen/Qwen3-VL-{2B,8B}-Instruct, llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf,
+llava-hf/llava-v1.6-{vicuna,mistral}-7b-hf. Only what shapes compute is reproduced (no token ids beyond the
+placeholders, no generation settings).
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ QWEN2_VISION = dict(  # Qwen2-VL's tower (the same in 2B and 7B but for the merg
     temporal_patch_size=2,
     hidden_act="quick_gelu",
 )
+QWEN3_TEXT = dict(  # Qwen3-VL's decoders: explicit head_dim, interleaved M-RoPE (`mrope_interleaved`)
+    vocab_size=151936,
+    head_dim=128,
+    num_key_value_heads=8,
+    max_position_embeddings=262144,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+)
+QWEN3_VISION = dict(  # Qwen3-VL's towers: learned position embeddings (48 x 48 table), 16 px patches, DeepStack
+    num_heads=16,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=2304,
+    hidden_act="gelu_pytorch_tanh",
+)
+QWEN3_TOP = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 BUILTIN: dict[str, dict[str, Any]] = {
     "llava-1.5-7b": dict(
@@ -189,6 +214,48 @@ BUILTIN: dict[str, dict[str, Any]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
         ),
         top=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652),
+    ),
+    # Qwen3-VL: the values of the two public config.json files as quoted (verbatim JSON) in third-party code; the
+    # Hugging Face pages themselves could not be opened offline. Every value below appears in at least one such copy.
+    "qwen3-vl-2b": dict(
+        family="qwen3_vl",
+        vision={
+            **QWEN3_VISION,
+            "depth": 24,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "out_hidden_size": 2048,
+            "deepstack_visual_indexes": [5, 11, 17],
+        },
+        text={
+            **QWEN3_TEXT,
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "tie_word_embeddings": True,
+        },
+        top={**QWEN3_TOP, "tie_word_embeddings": True},
+    ),
+    "qwen3-vl-8b": dict(
+        family="qwen3_vl",
+        vision={
+            **QWEN3_VISION,
+            "depth": 27,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "out_hidden_size": 4096,
+            "deepstack_visual_indexes": [8, 16, 24],
+        },
+        text={
+            **QWEN3_TEXT,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "tie_word_embeddings": False,
+        },
+        top={**QWEN3_TOP, "tie_word_embeddings": False},
     ),
     "llava-onevision-qwen2-0.5b": dict(
         family="llava_onevision",

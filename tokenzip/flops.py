@@ -15,7 +15,8 @@ d_head and MLP width F (gated: 3 matrices):
 ViT layers (CLIP, SigLIP) use 4 square projections and a 2-matrix MLP over T tokens per row (T = 577 with
 CLS for CLIP-336, 729 for SigLIP-384) and run in full even when only layer -2 is used; Qwen2.5-VL's vision
 blocks use fused qkv, a gated MLP and attention within windows (or within each image / temporal slice in the
-full-attention blocks), followed by the 2x2 patch merger. The LLaVA projector is two linears on each token.
+full-attention blocks), followed by the 2x2 patch merger; Qwen2-VL's and Qwen3-VL's attend over whole slices with a
+2-matrix MLP, and Qwen3-VL adds one merger per DeepStack layer. The LLaVA projector is two linears on each token.
 `lm_head` costs 2 D V per position it is applied to (generate applies it to the last token only).
 """
 
@@ -74,7 +75,8 @@ class VisionDims:
     window_size: int = 0
     full_attention: tuple[int, ...] = ()
     out_hidden: int = 0
-    gated_mlp: bool = True  # Qwen2.5-VL's SwiGLU blocks; Qwen2-VL's are fc1 -> GELU -> fc2
+    gated_mlp: bool = True  # Qwen2.5-VL's SwiGLU blocks; Qwen2-VL's and Qwen3-VL's are fc1 -> GELU -> fc2
+    extra_mergers: int = 0  # Qwen3-VL's DeepStack mergers (each as costly as the final merger)
 
     @classmethod
     def from_config(cls, config) -> VisionDims:
@@ -84,6 +86,13 @@ class VisionDims:
                 "qwen", v.embed_dim, v.embed_dim * v.mlp_ratio, v.depth, v.patch_size,
                 temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size,
                 full_attention=tuple(range(v.depth)), out_hidden=v.hidden_size, gated_mlp=False,
+            )  # fmt: skip
+        if hasattr(v, "deepstack_visual_indexes"):  # Qwen3-VL: full attention, one merger per DeepStack layer
+            return cls(
+                "qwen", v.hidden_size, v.intermediate_size, v.depth, v.patch_size,
+                temporal_patch=v.temporal_patch_size, merge=v.spatial_merge_size,
+                full_attention=tuple(range(v.depth)), out_hidden=v.out_hidden_size, gated_mlp=False,
+                extra_mergers=len(v.deepstack_visual_indexes),
             )  # fmt: skip
         if hasattr(v, "depth"):  # Qwen2.5-VL
             return cls(
@@ -112,7 +121,8 @@ class VisionDims:
         return embed + sum(self.vit_layer(rows, w) for w in widths)
 
     def qwen_tower(self, grids: list[tuple[int, int, int]]) -> int:
-        """Patch embedding, blocks (windowed / full attention) and merger for Qwen2.5-VL / Qwen2-VL items (t, h, w)."""
+        """Patch embedding, blocks (windowed / full attention) and merger(s) for Qwen2.5-VL / Qwen2-VL / Qwen3-VL items
+        (t, h, w). Qwen3-VL's learned position embeddings are a weighted sum of table rows (not counted)."""
         from transformers.vision_utils import get_vision_window_index
 
         d, f = self.hidden, self.mlp
@@ -130,8 +140,8 @@ class VisionDims:
             total += dense + sum(4 * s * s * d for s in segments)
         unit = self.merge**2
         merged = n // unit
-        total += 2 * merged * (d * unit) * (d * unit) + 2 * merged * (d * unit) * self.out_hidden
-        return total
+        merger = 2 * merged * (d * unit) * (d * unit) + 2 * merged * (d * unit) * self.out_hidden
+        return total + merger * (1 + self.extra_mergers)
 
 
 def projector_flops(config, tokens: int) -> int:

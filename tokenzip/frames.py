@@ -6,6 +6,10 @@ A video is a list of PIL frames. For each family this module produces what the m
   consecutive frame pairs then fill the two temporal slots of each patch, giving `pixel_values_videos`
   [sum(t*h*w), C*2*14*14], `video_grid_thw` [V, 3] (t = frames / 2, an odd last frame is repeated, as Qwen's
   processor does) and `second_per_grid_ts` [V] (2 / fps). Qwen2-VL: the same without `second_per_grid_ts`.
+  Qwen3-VL: the Qwen2-VL tensors; in the text every temporal patch becomes its own
+  `<t seconds><|vision_start|>` frame tokens `<|vision_end|>` block (t = the mean time of its frames at `fps`),
+  replacing the prompt's `<|vision_start|><|video_pad|><|vision_end|>` (or bare `<|video_pad|>`), as its
+  processor lays videos out.
 * LLaVA-OneVision: frames resized (bicubic) to the tower's square input and normalised with the image processor's
   mean / std, giving `pixel_values_videos` [V, F, C, S, S]. Videos of one batch must have the same frame count
   (the model stacks them).
@@ -16,6 +20,7 @@ placeholder of a prompt by the right number of copies, then the processor tokeni
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen2_vl": "<|video_pad|>", "llava_onevision": "<video>"}
+VIDEO_TOKEN = {
+    "qwen2_5_vl": "<|video_pad|>",
+    "qwen2_vl": "<|video_pad|>",
+    "qwen3_vl": "<|video_pad|>",
+    "llava_onevision": "<video>",
+}
 
 
 @dataclass
@@ -35,6 +45,7 @@ class VideoInputs:
 
     tensors: dict[str, torch.Tensor]
     tokens: list[int]
+    texts: list[str] | None = None  # per video, the text replacing its placeholder (Qwen3-VL: framed timestamps)
 
 
 def video_inputs(processor, config, family: str, videos: Sequence[Sequence[Image.Image]], fps: float = 2.0):
@@ -104,8 +115,45 @@ def _qwen2_video(processor, config, videos, fps: float) -> VideoInputs:
     return inputs
 
 
+def _qwen3_video(processor, config, videos, fps: float) -> VideoInputs:
+    """Qwen3-VL: the Qwen2-VL tensors; each temporal patch framed and time-stamped in the text (`_qwen3_frames`)."""
+    inputs = _qwen2_video(processor, config, videos, fps)
+    tp = config.vision_config.temporal_patch_size
+    per_frame = [n // int(g[0]) for n, g in zip(inputs.tokens, inputs.tensors["video_grid_thw"])]
+    inputs.texts = [_qwen3_frames(len(frames), tp, fps, n) for frames, n in zip(videos, per_frame)]
+    return inputs
+
+
+def _qwen3_frames(frames: int, temporal_patch: int, fps: float, tokens: int) -> str:
+    """The text of one Qwen3-VL video of `frames` frames: per temporal patch `<t seconds>` (the mean time of its
+    first and last frame, an odd last frame repeated, as `Qwen3VLProcessor` computes it) and its `tokens`
+    placeholders between `<|vision_start|>` and `<|vision_end|>`."""
+    indices = list(range(frames))
+    indices += indices[-1:] * (-frames % temporal_patch)
+    times = [(indices[i] + indices[i + temporal_patch - 1]) / 2 / fps for i in range(0, len(indices), temporal_patch)]
+    return "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * tokens + "<|vision_end|>" for t in times)
+
+
 # per video family (VIDEO_TOKEN)
-_BUILDERS = {"qwen2_5_vl": _qwen_video, "qwen2_vl": _qwen2_video, "llava_onevision": _onevision_video}
+_BUILDERS = {
+    "qwen2_5_vl": _qwen_video,
+    "qwen2_vl": _qwen2_video,
+    "qwen3_vl": _qwen3_video,
+    "llava_onevision": _onevision_video,
+}
+QWEN3_VIDEO_WRAPPER = "<|vision_start|><|video_pad|><|vision_end|>"  # a chat template's framing of a Qwen video
+
+
+def replace_placeholders(text: str, token: str, wrapper: str, replacements: Iterator[str]) -> str:
+    """`text` with each `wrapper` (or, outside one, each bare `token`) replaced by the next of `replacements`."""
+    pieces = text.replace(wrapper, token).split(token)
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        try:
+            out.append(next(replacements) + piece)
+        except StopIteration:
+            raise ValueError(f"the prompts hold more {token} placeholders than there are videos") from None
+    return "".join(out)
 
 
 def expand_placeholders(text: str, token: str, counts: Iterator[int]) -> str:
@@ -132,27 +180,38 @@ def processor_inputs(
     if not videos:
         return dict(processor(**kwargs))
     built = video_inputs(processor, config, family, videos)
-    counts = iter(built.tokens)
     token = VIDEO_TOKEN[family]
-    kwargs["text"] = [expand_placeholders(t, token, counts) for t in texts]
+    if built.texts is not None:
+        counts = iter(built.texts)
+        kwargs["text"] = [replace_placeholders(t, token, QWEN3_VIDEO_WRAPPER, counts) for t in texts]
+    else:
+        counts = iter(built.tokens)
+        kwargs["text"] = [expand_placeholders(t, token, counts) for t in texts]
     if next(counts, None) is not None:
         raise ValueError(f"{len(videos)} videos but fewer {token} placeholders in the prompts")
-    with _placeholders_pre_expanded(processor):
+    with _placeholders_pre_expanded(processor, plain_replacements=built.texts is not None):
         out = dict(processor(**kwargs))
     out.update(built.tensors)
     return out
 
 
 @contextmanager
-def _placeholders_pre_expanded(processor):
+def _placeholders_pre_expanded(processor, plain_replacements: bool = False):
     """The processor refuses video placeholders in a text without videos; ours are already expanded, so its
-    video-token check is switched off for one call (`mm_token_type_ids` still marks them, from the token id)."""
+    video-token check is switched off for one call (`mm_token_type_ids` still marks them, from the token id); with
+    `plain_replacements` the processor's text replacement is the generic one for that call (Qwen3-VL's own collapses
+    a video wrapper it builds from the video token)."""
     saved = processor.video_token
     processor.video_token = None
+    if plain_replacements:  # Qwen3-VL's own override builds its frame wrapper from the (now None) video token
+        from transformers.processing_utils import ProcessorMixin
+
+        processor.get_text_with_replacements = functools.partial(ProcessorMixin.get_text_with_replacements, processor)
     try:
         yield
     finally:
         processor.video_token = saved
+        processor.__dict__.pop("get_text_with_replacements", None)
 
 
 __all__ = ["VIDEO_TOKEN", "VideoInputs", "expand_placeholders", "processor_inputs", "video_inputs"]

@@ -32,6 +32,17 @@ def qwen2_vl_image_only_processor_cls():
     return Qwen2VLImageOnlyProcessor
 
 
+def qwen3_vl_image_only_processor_cls():
+    """`Qwen3VLProcessor` without a video processor (see `qwen_image_only_processor_cls`)."""
+    from transformers import Qwen3VLProcessor
+
+    class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return Qwen3VLImageOnlyProcessor
+
+
 def ov_image_only_processor_cls():
     """`LlavaOnevisionProcessor` without a video processor (see `qwen_image_only_processor_cls`)."""
     from transformers import LlavaOnevisionProcessor

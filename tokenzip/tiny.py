@@ -14,6 +14,8 @@ Sizes (defaults):
   a 4-frame video gives 4 x 2x2 pooled tokens + 1 newline.
 * LLaVA-NeXT: 56 px tiles, 14 px patches -> CLS + 16 tokens per tile (CLS dropped before the projector); a base
   tile + 2 to 4 high-resolution tiles, un-padded, one newline per row.
+* Qwen3-VL: 16 px patches, so 112 px images are resized to 128 px -> 8x8 patches -> 4x4 = 16 LLM tokens;
+  DeepStack from vision blocks 0-2 into decoder layers 0-2; a 4-frame video gives 2 frame blocks of 16 tokens.
 
 All LLMs are Llama/Qwen2 decoders of hidden size 64 (4 query heads, 2 KV heads: GQA is exercised).
 """
@@ -27,7 +29,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .processors import ov_image_only_processor_cls, qwen2_vl_image_only_processor_cls, qwen_image_only_processor_cls
+from .processors import (
+    ov_image_only_processor_cls,
+    qwen2_vl_image_only_processor_cls,
+    qwen3_vl_image_only_processor_cls,
+    qwen_image_only_processor_cls,
+)
 
 WORDS = [
     "USER:",
@@ -412,6 +419,106 @@ def qwen_video_inputs(
     return inputs
 
 
+def tiny_qwen3vl(
+    attn: str = "sdpa",
+    vision_layers: int = 4,
+    text_layers: int = 24,
+    deepstack: tuple[int, ...] = (0, 1, 2),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_side: int = 224,
+    tokenizer=make_tokenizer,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
+) -> TinyVLM:
+    """Tiny `Qwen3VLForConditionalGeneration`: full-attention vision blocks with learned position embeddings
+    (an 8x8 table, resampled to each image) and 16 px patches, 2x2 merger, DeepStack from vision blocks `deepstack`
+    into decoder layers 0 .. len(deepstack) - 1, Qwen3 decoder (q / k norms) with interleaved M-RoPE (arguments as
+    in `tiny_qwen25vl`). A 128 px image gives 8x8 patches and 4x4 = 16 LLM tokens."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = tokenizer(QWEN_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text_config = _with(
+        text_overrides,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=tok.pad_token_id,
+    )
+    vision_config = _with(
+        vision_overrides,
+        depth=vision_layers,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[i for i in deepstack if i < vision_layers],
+    )
+    cfg = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn, dtype=dtype).eval()
+    improc = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 64 * 64, "longest_edge": max_side * max_side},
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    proc = qwen3_vl_image_only_processor_cls()(image_processor=improc, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
+    return TinyVLM(model, proc, "qwen3_vl")
+
+
+def qwen3_video_inputs(
+    vlm: TinyVLM, frames: int = 4, side: int = 128, text: str = "Describe this video ?", seed: int = 0, fps: float = 2.0
+) -> dict:
+    """Hand-built Qwen3-VL video inputs laid out as its processor does (the video processor needs torchvision):
+    every temporal patch is its own `<t seconds><|vision_start|>` frame tokens `<|vision_end|>` block, `t` the
+    mean time of its frames at `fps`. `frames` raw frames become `frames // 2` temporal patches of (side/16)^2
+    patches and (side/32)^2 LLM tokens each; `video_grid_thw` stays one row per video (the model splits it)."""
+    cfg = vlm.model.config.vision_config
+    tp, ps, ms = cfg.temporal_patch_size, cfg.patch_size, cfg.spatial_merge_size
+    t, h, w = frames // tp, side // ps, side // ps
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(t * h * w, 3 * tp * ps * ps, generator=g)
+    per_frame = h * w // ms**2
+    frame = "<|vision_start|>" + "<|video_pad|>" * per_frame + "<|vision_end|>"
+    blocks = "".join(f"<{(j * tp + (tp - 1) / 2) / fps:.1f} seconds>" + frame for j in range(t))
+    prompt = vlm.prompt(text, images=0, video=True).replace("<|vision_start|><|video_pad|><|vision_end|>", blocks)
+    enc = vlm.processor.tokenizer(prompt, return_tensors="pt")
+    video_id = vlm.model.config.video_token_id
+    return dict(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        pixel_values_videos=flat,
+        video_grid_thw=torch.tensor([[t, h, w]]),
+        mm_token_type_ids=(enc.input_ids == video_id).long() * 2,
+    )
+
+
 # ------------------------------------------------------------------------------------------ LLaVA-OneVision
 OV_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -606,18 +713,25 @@ FACTORIES = {
     "llava_onevision": tiny_llava_ov,
     "qwen2_vl": tiny_qwen2vl,
     "llava_next": tiny_llava_next,
+    "qwen3_vl": tiny_qwen3vl,
 }
 
 
 def tiny(family: str, **kw) -> TinyVLM:
-    """Build the tiny model of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl' or 'llava_next')."""
+    """Build the tiny model of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl', 'llava_next' or
+    'qwen3_vl')."""
     if family not in FACTORIES:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {sorted(FACTORIES)}")
     return FACTORIES[family](**kw)
 
 
 # the families with video
-VIDEO_INPUTS = {"qwen2_5_vl": qwen_video_inputs, "qwen2_vl": qwen_video_inputs, "llava_onevision": ov_video_inputs}
+VIDEO_INPUTS = {
+    "qwen2_5_vl": qwen_video_inputs,
+    "qwen2_vl": qwen_video_inputs,
+    "qwen3_vl": qwen3_video_inputs,
+    "llava_onevision": ov_video_inputs,
+}
 
 
 def video_inputs(vlm: TinyVLM, frames: int = 4) -> dict:

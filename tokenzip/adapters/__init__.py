@@ -11,6 +11,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -18,11 +19,13 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     LlavaNextAdapter,
+    Qwen3VLAdapter,
 )
 
 
 def adapter_class(family: str) -> type[Adapter]:
-    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl', 'llava_next')."""
+    """The adapter class of `family` ('llava', 'qwen2_5_vl', 'llava_onevision', 'qwen2_vl', 'llava_next',
+    'qwen3_vl')."""
     for adapter in ADAPTERS:
         if adapter.family == family:
             return adapter

@@ -31,6 +31,7 @@ class ModelInfo:
     supports_vision_stage: bool
     supports_projector_stage: bool = False
     vision_full_attention_layers: tuple[int, ...] = ()  # vision layers attending over a whole image / frame
+    deepstack_layers: tuple[int, ...] = ()  # decoder layers after which per-visual-token features are added
 
     @property
     def reference_architecture(self) -> bool:
@@ -231,7 +232,13 @@ class Adapter(ABC):
             supports_vision_stage=self.supports_vision_stage,
             supports_projector_stage=self.supports_projector_stage,
             vision_full_attention_layers=self.full_attention_layers(),
+            deepstack_layers=self.deepstack_layers(),
         )
+
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """Decoder layers after whose output the model adds per-visual-token features of its own (Qwen3-VL's
+        DeepStack, `tokenzip.engine.deepstack`); none by default."""
+        return ()
 
     def full_attention_layers(self) -> tuple[int, ...]:
         """Vision layers whose attention spans a whole image / tile / frame (all of them for CLIP / SigLIP)."""

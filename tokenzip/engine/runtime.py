@@ -11,6 +11,8 @@ Hooks (all on this instance; nothing class-level or global), and where their wor
   (`vision_stages`);
 * a pre-hook on the decoder stack: rebuilds the LLM input in prefill (`llm_input`) and keeps the 2-D mask and
   positions consistent with it in decode (`decode.decode_step_inputs`); a post-hook re-lays a right-padded batch;
+* an instance-attribute wrapper around the decoder stack's `_deepstack_process` (Qwen3-VL): its additions follow
+  the tokens each layer keeps (`deepstack`);
 * pre-hooks on decoder layers: in-LLM stages and per-layer arguments (`llm_stage.layer_inputs`); forward hooks on
   decoder attention modules for LLM signals (`llm_stage.capture_llm_signal`).
 
@@ -29,10 +31,11 @@ from transformers import DynamicCache
 from ..adapters.base import Adapter
 from ..budget import Keep
 from ..contexts import Plan
-from ..errors import UnsupportedInputError
+from ..errors import UnsupportedInputError, UnsupportedModelError
 from . import decode, llm_input, llm_stage, steps, vision_stages
 from .cache import PREFILLS, cache_argument, cache_output, mark_cache
 from .config import PatchConfig, patch_config
+from .deepstack import DeepstackWrapper
 from .feature_calls import record_call
 from .hooks import ABSENT, FeatureWrapper, Hook, stopwatch
 from .recording import forward_record
@@ -72,6 +75,8 @@ class Runtime:
         self.handles.append(model.register_forward_hook(self._exit_forward, always_call=True))
         for modality, name in adapter.feature_functions.items():
             self._wrap_feature_function(modality, name)
+        if adapter.deepstack_layers():
+            self._wrap_deepstack()
         self.handles.append(adapter.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(adapter.lm.register_forward_hook(self._lm_post))
         if plan.llm_layers or plan.decode or plan.noncausal_layers:
@@ -127,9 +132,26 @@ class Runtime:
         self.wrapped.append((owner, name, wrapper, owner.__dict__.get(name, ABSENT)))
         owner.__dict__[name] = wrapper
 
+    def _wrap_deepstack(self) -> None:
+        """Re-target Qwen3-VL's DeepStack additions to the tokens each layer keeps (`deepstack`)."""
+        owner = self.cfg.adapter.lm
+        original = getattr(owner, "_deepstack_process", None)
+        if original is None:
+            raise UnsupportedModelError(
+                f"{type(owner).__name__} has no `_deepstack_process`: tokenzip cannot carry its DeepStack features "
+                "along with the tokens a stage keeps"
+            )
+        wrapper = DeepstackWrapper(self, original)
+        self.wrapped.append((owner, "_deepstack_process", wrapper, owner.__dict__.get("_deepstack_process", ABSENT)))
+        owner.__dict__["_deepstack_process"] = wrapper
+
     # ------------------------------------------------------------------------------------------ vision side
     def feature_call(self, modality: str, original, args: tuple, kwargs: dict) -> Any:
-        """One call of a wrapped feature function: run it with signals captured, then record the call."""
+        """One call of a wrapped feature function: run it with signals captured, then record the call. A feature
+        function called inside another (Qwen3-VL's `get_video_features` runs `get_image_features`) belongs to the
+        outer call and is not recorded on its own."""
+        if self._call is not None:
+            return original(*args, **kwargs)
         capture = CallCapture(modality, (args, kwargs))
         self._call = capture
         try:

@@ -327,12 +327,17 @@ class TokenzipLlavaNext(TokenzipLMMS):
     family = "llava_next"
 
 
+class TokenzipQwen3VL(TokenzipLMMS):
+    family = "qwen3_vl"
+
+
 CLASSES = {
     "llava": TokenzipLlava,
     "qwen2_5_vl": TokenzipQwen2_5_VL,
     "llava_onevision": TokenzipLlavaOnevision,
     "qwen2_vl": TokenzipQwen2VL,
     "llava_next": TokenzipLlavaNext,
+    "qwen3_vl": TokenzipQwen3VL,
 }
 MODEL_NAMES = {
     "llava": "tokenzip_llava_hf",
@@ -340,4 +345,5 @@ MODEL_NAMES = {
     "llava_onevision": "tokenzip_llava_onevision",
     "qwen2_vl": "tokenzip_qwen2_vl",
     "llava_next": "tokenzip_llava_next",
+    "qwen3_vl": "tokenzip_qwen3_vl",
 }

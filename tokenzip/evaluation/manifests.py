@@ -17,4 +17,7 @@ QWEN2_VL = ModelManifest(
 LLAVA_NEXT = ModelManifest(
     model_id="tokenzip_llava_next", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipLlavaNext"
 )
-MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL, LLAVA_NEXT)
+QWEN3_VL = ModelManifest(
+    model_id="tokenzip_qwen3_vl", simple_class_path="tokenzip.evaluation.lmms_model.TokenzipQwen3VL"
+)
+MANIFESTS = (LLAVA, QWEN2_5_VL, LLAVA_ONEVISION, QWEN2_VL, LLAVA_NEXT, QWEN3_VL)

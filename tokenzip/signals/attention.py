@@ -224,6 +224,13 @@ def qwen_vision_attention_received(
 
 
 # ------------------------------------------------------------------------------------------ LLM decoders
+def _head_norm(attn: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """x [B, L, heads, hd] through the attention module's per-head RMS norm `name` (Qwen3's `q_norm` / `k_norm`,
+    applied before RoPE); unchanged for decoders without one."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 def decoder_qk(
     attn: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -233,9 +240,9 @@ def decoder_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-RoPE queries [B, H, R, hd] (of `rows`, all if None) and GQA-expanded keys [B, H, L, hd].
 
-    Works for Llama, Qwen2 and Qwen2.5-VL decoder attention (the M-RoPE of Qwen2.5-VL is already folded into
-    the (cos, sin) [B, L, hd] that the model passes to each layer). `keys`: post-RoPE keys [B, KV, L, hd] to
-    reuse (e.g. the layer's cache entries) instead of recomputing them.
+    Works for Llama, Qwen2, Qwen2.5-VL and Qwen3-VL decoder attention (the M-RoPE of the Qwen-VL models is already
+    folded into the (cos, sin) [B, L, hd] that the model passes to each layer; Qwen3's q / k norms are applied).
+    `keys`: post-RoPE keys [B, KV, L, hd] to reuse (e.g. the layer's cache entries) instead of recomputing them.
     """
     b, n, _ = hidden_states.shape
     hd = attn.head_dim
@@ -245,11 +252,11 @@ def decoder_qk(
     else:
         q_in, q_cos, q_sin = hidden_states[:, rows], cos[:, rows], sin[:, rows]
     n_heads = attn.config.num_attention_heads
-    q = _project(attn.q_proj, q_in).view(b, q_in.shape[1], n_heads, hd).transpose(1, 2)
+    q = _head_norm(attn, "q_norm", _project(attn.q_proj, q_in).view(b, q_in.shape[1], n_heads, hd)).transpose(1, 2)
     q = _apply_rope(q, q_cos, q_sin)
     if keys is None:
-        k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd).transpose(1, 2)
-        k = _apply_rope(k, cos, sin)
+        k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd)
+        k = _apply_rope(_head_norm(attn, "k_norm", k).transpose(1, 2), cos, sin)
     else:
         k = keys
     groups = q.shape[1] // k.shape[1]

@@ -18,6 +18,7 @@ ASSISTANT_MARKER = {
     "llava": "ASSISTANT:",
     "qwen2_5_vl": "assistant",
     "qwen2_vl": "assistant",
+    "qwen3_vl": "assistant",
     "llava_onevision": "assistant",
     "llava_next": "ASSISTANT:",
 }
