@@ -45,8 +45,11 @@ def reference_last_row(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torc
     b, n, _ = hidden.shape
     hd = attn.head_dim
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(b, n, cfg.num_attention_heads, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, n, cfg.num_key_value_heads, hd).transpose(1, 2)
+    q = attn.q_proj(x).view(b, n, cfg.num_attention_heads, hd)
+    k = attn.k_proj(x).view(b, n, cfg.num_key_value_heads, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3 decoders normalise each head's query and key before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     q = q * cos[:, None] + rotate_half(q) * sin[:, None]
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     k = k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)

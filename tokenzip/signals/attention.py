@@ -285,7 +285,8 @@ def decoder_key_l1(
     b, n, _ = hidden_states.shape
     hd = attn.head_dim
     cos, sin = position_embeddings
-    k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(b, n, attn.config.num_key_value_heads, hd)
+    k = _head_norm(attn, "k_norm", k).transpose(1, 2)  # Qwen3's per-head key norm, before RoPE
     return _apply_rope(k, cos, sin).float().abs().sum(dim=(1, 3))
 
 
