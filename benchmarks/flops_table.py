@@ -29,6 +29,9 @@ WORKLOADS = [  # (model, label, workload kwargs)
     ("llava-onevision-qwen2-0.5b", "1 image 768x768 (anyres)", {}),
     ("llava-onevision-qwen2-7b", "1 image 768x768 (anyres)", {}),
     ("llava-onevision-qwen2-7b", "32-frame video", {"frames": 32}),
+    ("qwen2-vl-7b", "1 image 448x448", {}),
+    ("llava-v1.6-vicuna-7b", "1 image 672x672 (anyres)", {"image_size": (672, 672)}),
+    ("qwen3-vl-8b", "1 image 448x448", {"image_size": (448, 448)}),
 ]
 
 
