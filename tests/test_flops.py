@@ -152,9 +152,12 @@ def test_flops_cli():
     result = runner.invoke(app, ["flops", "--policy", "hiprune", "--keep", "0.111", "--json"])
     assert result.exit_code == 0, result.output
     assert '"llm_ratio"' in result.output
+    from tokenzip.configs import BUILTIN
+    from tokenzip.tiny import VIDEO_INPUTS
+
     for name in builtin_names():
         args = ["flops", "--model", name, "--policy", "visiondrop", "--keep", "64"]
-        if "llava-1.5" not in name:
+        if BUILTIN[name]["family"] in VIDEO_INPUTS:  # the families that take videos
             args += ["--frames", "8"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output

@@ -137,7 +137,8 @@ def test_anyres_image_draws_the_base_grid_then_the_tiles(family):
     _check_panels(picture, grid, state)
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+# Qwen3-VL lays a video out as one item per temporal patch (time-stamped blocks): each is drawn as one image
+@pytest.mark.parametrize("family", [f for f in VIDEO_FAMILIES if f != "qwen3_vl"])
 def test_video_is_a_strip_of_frames(family):
     vlm = tiny(family)
     inputs = video_inputs(vlm, frames=4)

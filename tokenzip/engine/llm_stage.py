@@ -152,6 +152,15 @@ def replayed_selection(
     return Selection(slots[match.float().argmax(1)], values, ordered)
 
 
+def register_signal_hook(adapter, sig: LLMSignal, hook):
+    """Install `hook` for LLM signal `sig`: a pre-hook of the decoder layer for 'hidden' (its input, before its
+    input norm), else a forward hook of the layer's attention module. Returns the handle."""
+    layer = adapter.lm_layers[sig.layer]
+    if sig.kind == "hidden":
+        return layer.register_forward_pre_hook(hook, with_kwargs=True)
+    return layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+
+
 def capture_llm_signal(cfg: PatchConfig, st: ForwardState, sig: LLMSignal, module, kwargs: dict, args=()) -> None:
     """Forward hook of decoder attention `module` in prefill: LLM signal `sig` from its own q/k into `st.signals`
     (kind 'hidden': pre-hook of the decoder layer `module`, its input kept as is)."""

@@ -11,8 +11,7 @@ Hooks (all on this instance; nothing class-level or global), and where their wor
   (`vision_stages`);
 * a pre-hook on the decoder stack: rebuilds the LLM input in prefill (`llm_input`) and keeps the 2-D mask and
   positions consistent with it in decode (`decode.decode_step_inputs`); a post-hook re-lays a right-padded batch;
-* an instance-attribute wrapper around the decoder stack's `_deepstack_process` (Qwen3-VL): its additions follow
-  the tokens each layer keeps (`deepstack`);
+* a wrapper of the decoder stack's `_deepstack_process` (Qwen3-VL): its additions follow kept tokens (`deepstack`);
 * pre-hooks on decoder layers: in-LLM stages and per-layer arguments (`llm_stage.layer_inputs`); forward hooks on
   decoder attention modules for LLM signals (`llm_stage.capture_llm_signal`).
 
@@ -74,20 +73,17 @@ class Runtime:
         self.handles.append(model.register_forward_pre_hook(self._enter_forward))
         self.handles.append(model.register_forward_hook(self._exit_forward, always_call=True))
         for modality, name in adapter.feature_functions.items():
-            self._wrap_feature_function(modality, name)
-        if adapter.deepstack_layers():
-            self._wrap_deepstack()
+            if getattr(adapter.base, name, None) is not None:
+                self._wrap(adapter.base, name, lambda f, m=modality: FeatureWrapper(self, m, f))
+        if adapter.deepstack_layers():  # Qwen3-VL: its DeepStack additions follow the tokens each layer keeps
+            self._wrap(adapter.lm, "_deepstack_process", lambda f: DeepstackWrapper(self, f))
         self.handles.append(adapter.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(adapter.lm.register_forward_hook(self._lm_post))
         if plan.llm_layers or plan.decode or plan.noncausal_layers:
             for i, layer in enumerate(adapter.lm_layers):
                 self.handles.append(layer.register_forward_pre_hook(Hook(self, "_layer_hook", i), with_kwargs=True))
         for sig in plan.llm_signals:
-            hook, layer = Hook(self, "_llm_signal_hook", sig), adapter.lm_layers[sig.layer]
-            if sig.kind == "hidden":  # the decoder layer's own input (before its input norm)
-                self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self.handles.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+            self.handles.append(llm_stage.register_signal_hook(adapter, sig, Hook(self, "_llm_signal_hook", sig)))
         for sig in plan.vision_signals:
             hook = Hook(self, "_vision_signal_hook", sig)
             self.handles.append(adapter.vision_attention(sig.layer).register_forward_pre_hook(hook, with_kwargs=True))
@@ -123,27 +119,13 @@ class Runtime:
         self.state = None
         self._drop_pending()
 
-    def _wrap_feature_function(self, modality: str, name: str) -> None:
-        owner = self.cfg.adapter.base
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-        wrapper = FeatureWrapper(self, modality, original)
+    def _wrap(self, owner: torch.nn.Module, name: str, make) -> None:
+        """Replace method `name` of this `owner` instance by `make(original)` (undone by `remove`)."""
+        if getattr(owner, name, None) is None:
+            raise UnsupportedModelError(f"{type(owner).__name__} has no `{name}`, which tokenzip wraps for this family")
+        wrapper = make(getattr(owner, name))
         self.wrapped.append((owner, name, wrapper, owner.__dict__.get(name, ABSENT)))
         owner.__dict__[name] = wrapper
-
-    def _wrap_deepstack(self) -> None:
-        """Re-target Qwen3-VL's DeepStack additions to the tokens each layer keeps (`deepstack`)."""
-        owner = self.cfg.adapter.lm
-        original = getattr(owner, "_deepstack_process", None)
-        if original is None:
-            raise UnsupportedModelError(
-                f"{type(owner).__name__} has no `_deepstack_process`: tokenzip cannot carry its DeepStack features "
-                "along with the tokens a stage keeps"
-            )
-        wrapper = DeepstackWrapper(self, original)
-        self.wrapped.append((owner, "_deepstack_process", wrapper, owner.__dict__.get("_deepstack_process", ABSENT)))
-        owner.__dict__["_deepstack_process"] = wrapper
 
     # ------------------------------------------------------------------------------------------ vision side
     def feature_call(self, modality: str, original, args: tuple, kwargs: dict) -> Any:
